@@ -1,0 +1,144 @@
+"""Service configuration: pydantic models, loaded once from YAML and handed on by section.
+
+Every key has a description; unknown keys, wrong types and inconsistent pairs are refused with
+an error that names the key (and both values for a pair). Command-line flags override the
+file through `ServeConfig.with_overrides`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cluster.model_spec import ModelSpec
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RandomModelConfig(_Section):
+    """A seeded random Mixtral-style model, for demos and benchmarks."""
+
+    layers: Annotated[int, Field(ge=1, description="number of MoE layers")] = 2
+    experts: Annotated[int, Field(ge=1, description="experts per MoE layer")] = 8
+    hidden: Annotated[int, Field(ge=1, description="hidden size H")] = 256
+    ffn: Annotated[int, Field(ge=1, description="expert intermediate size F")] = 512
+    top_k: Annotated[int, Field(ge=1, description="experts per token")] = 2
+    seed: Annotated[int, Field(description="seed of every weight")] = 0
+
+    @model_validator(mode="after")
+    def _top_k_fits(self) -> RandomModelConfig:
+        if self.top_k > self.experts:
+            raise ValueError(f"random.top_k ({self.top_k}) exceeds random.experts ({self.experts})")
+        return self
+
+    def spec(self) -> ModelSpec:
+        return ModelSpec(
+            hidden_size=self.hidden,
+            intermediate_size=self.ffn,
+            num_experts=self.experts,
+            top_k=self.top_k,
+            moe_layers=tuple(range(self.layers)),
+            num_hidden_layers=self.layers,
+        )
+
+
+class ModelConfig(_Section):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
+                               description="model name clients use in requests")] = "moe"
+    checkpoint: Annotated[str | None, Field(description="Hugging Face Mixtral-layout checkpoint directory")] = None
+    random: Annotated[RandomModelConfig | None, Field(description="seeded random model (when no checkpoint)")] = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if self.checkpoint is not None and self.random is not None:
+            raise ValueError(
+                f"give either model.checkpoint ({self.checkpoint!r}) or model.random, not both"
+            )
+        return self
+
+    @property
+    def random_or_default(self) -> RandomModelConfig | None:
+        """The random model to build: the configured one, the default one, or None with a checkpoint."""
+        if self.checkpoint is not None:
+            return None
+        return self.random or RandomModelConfig()
+
+
+class WorkersConfig(_Section):
+    count: Annotated[int, Field(ge=1, description="expert shard workers (Ray actors)")] = 2
+    slots_per_worker: Annotated[int | None, Field(ge=1, description="replica slots per worker; default: just enough for one replica of every expert")] = None
+    num_gpus: Annotated[Literal["auto"] | Annotated[float, Field(ge=0)], Field(description="GPUs per worker; auto: 1 when the cluster has GPUs, else 0")] = "auto"
+    num_cpus: Annotated[float, Field(ge=0, description="CPUs Ray reserves per worker (fractional allowed)")] = 0.5
+    torch_threads: Annotated[int, Field(ge=1, description="torch intra-op threads per worker")] = 1
+    device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="where expert math runs")] = "auto"
+
+
+class RouterConfig(_Section):
+    host: Annotated[str, Field(description="address the gRPC server binds; 0.0.0.0 exposes it")] = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535, description="gRPC port; 0 picks a free one")] = 8001
+    max_batch_tokens: Annotated[int, Field(ge=1, description="tokens per batch sent to the workers")] = 8192
+    max_wait_ms: Annotated[float, Field(ge=0, description="how long a batch waits for more requests")] = 1.0
+    max_inflight_batches: Annotated[int, Field(ge=1, description="batches in the workers at once per layer")] = 2
+    max_message_mb: Annotated[int, Field(ge=1, description="largest request or response message")] = 256
+    torch_threads: Annotated[int, Field(ge=1, description="torch threads in the router (gate, combine)")] = 1
+
+
+class RayConfig(_Section):
+    address: Annotated[str | None, Field(description="Ray cluster to join ('auto' or host:port); none starts an embedded one")] = None
+    namespace: Annotated[str, Field(min_length=1, description="Ray namespace of every actor")] = "moe-serve"
+
+
+class ServeConfig(_Section):
+    model: ModelConfig = ModelConfig()
+    workers: WorkersConfig = WorkersConfig()
+    router: RouterConfig = RouterConfig()
+    ray: RayConfig = RayConfig()
+
+    def with_overrides(self, **dotted: object) -> ServeConfig:
+        """`with_overrides(**{"router.port": 0})`; None values are ignored. Re-validated."""
+        data = self.model_dump()
+        for key, value in dotted.items():
+            if value is None:
+                continue
+            section, _, field = key.partition(".")
+            data[section][field] = value
+            if key == "model.checkpoint":
+                data["model"]["random"] = None
+        return validate_config(data, source="command line")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; the message names the file and the key."""
+
+
+def validate_config(data: object, source: str = "config") -> ServeConfig:
+    try:
+        return ServeConfig.model_validate(data or {})
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            got = "" if e["type"] == "missing" else f" (got {e.get('input')!r})"
+            lines.append(f"  {key}: {e['msg']}{got}")
+        raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines)) from None
+
+
+def load_config(path: str | Path | None) -> ServeConfig:
+    """Read a YAML file (or defaults when `path` is None)."""
+    if path is None:
+        return ServeConfig()
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config file: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    return validate_config(data, source=str(path))

@@ -1,0 +1,157 @@
+"""Placement: which replica of which logical expert sits in which worker slot.
+
+Glossary (the same words in code, metrics, CLI output and the README):
+- **logical expert**: expert `e` of MoE layer `l`, as the model defines it. Placement numbers
+  them globally as `moe_index * num_experts + e`, where `moe_index` is the layer's position
+  among the model's MoE layers.
+- **replica** (physical expert): one loaded copy of a logical expert. A hot expert has several.
+- **slot**: a place in a worker that holds one replica's weights.
+- **worker** / **shard**: one expert-shard Ray actor, usually one GPU.
+- **placement**: which replica of which logical expert sits in which worker slot. It has a
+  version; the router reads one placement per batch, so a new version takes effect atomically.
+- **balancedness**: mean worker load / max worker load, 1.0 is perfect.
+
+`Placement` is a frozen value: it checks itself on construction, and changes make a new value
+with a higher version. It imports neither Ray nor gRPC.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+EMPTY = -1  # slot holds no replica
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Versioned map of worker slots to logical experts.
+
+    slots: `[num_workers][slots_per_worker]` nested tuple; each entry is a global logical expert
+        id in `[0, num_logical_experts)` or `EMPTY`. Workers may differ in slot count.
+    """
+
+    version: int
+    num_logical_experts: int
+    slots: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self) -> None:
+        if self.version < 0:
+            raise ValueError(f"placement version must be >= 0, got {self.version}")
+        if self.num_logical_experts < 1:
+            raise ValueError(f"num_logical_experts must be >= 1, got {self.num_logical_experts}")
+        if not self.slots:
+            raise ValueError("a placement needs at least one worker, got none")
+        for w, row in enumerate(self.slots):
+            for s, expert in enumerate(row):
+                if expert != EMPTY and not 0 <= expert < self.num_logical_experts:
+                    raise ValueError(
+                        f"worker {w} slot {s} holds logical expert {expert}, outside "
+                        f"0..{self.num_logical_experts - 1}"
+                    )
+        missing = np.flatnonzero(self.replica_counts == 0)
+        if missing.size:
+            raise ValueError(
+                f"logical experts {missing[:10].tolist()}{'...' if missing.size > 10 else ''} "
+                f"have no replica in placement v{self.version}"
+            )
+
+    # ---- named constructors -------------------------------------------------------------
+
+    @classmethod
+    def round_robin(
+        cls, num_logical_experts: int, num_workers: int, slots_per_worker: int | None = None
+    ) -> Placement:
+        """One replica per logical expert, dealt out to workers in turn (version 0).
+
+        With `slots_per_worker` larger than needed, the extra slots stay `EMPTY` (room for hot
+        expert replicas later); smaller than needed is an error.
+        """
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        needed = -(-num_logical_experts // num_workers)
+        if slots_per_worker is None:
+            slots_per_worker = needed
+        if slots_per_worker < needed:
+            raise ValueError(
+                f"{num_logical_experts} logical experts do not fit in {num_workers} workers x "
+                f"{slots_per_worker} slots; need at least {needed} slots per worker"
+            )
+        rows = [[EMPTY] * slots_per_worker for _ in range(num_workers)]
+        for expert in range(num_logical_experts):
+            rows[expert % num_workers][expert // num_workers] = expert
+        return cls(0, num_logical_experts, tuple(tuple(r) for r in rows))
+
+    @classmethod
+    def from_mapping(
+        cls, version: int, num_logical_experts: int, mapping: dict[int, list[int]] | list[list[int]]
+    ) -> Placement:
+        """From `{worker: [expert per slot]}` or a list of rows (e.g. read back from a file)."""
+        rows = [mapping[w] for w in sorted(mapping)] if isinstance(mapping, dict) else mapping
+        return cls(version, num_logical_experts, tuple(tuple(int(e) for e in r) for r in rows))
+
+    # ---- derived views (computed once per value) ---------------------------------------
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.slots)
+
+    @cached_property
+    def replica_counts(self) -> np.ndarray:
+        """`[num_logical_experts]` int: replicas of each logical expert."""
+        flat = np.array([e for row in self.slots for e in row if e != EMPTY], dtype=np.int64)
+        return np.bincount(flat, minlength=self.num_logical_experts)
+
+    @cached_property
+    def replicas(self) -> tuple[tuple[tuple[int, int], ...], ...]:
+        """`replicas[expert]` = the `(worker, slot)` pairs that hold that logical expert."""
+        found: list[list[tuple[int, int]]] = [[] for _ in range(self.num_logical_experts)]
+        for w, row in enumerate(self.slots):
+            for s, expert in enumerate(row):
+                if expert != EMPTY:
+                    found[expert].append((w, s))
+        return tuple(tuple(r) for r in found)
+
+    @cached_property
+    def primary(self) -> tuple[np.ndarray, np.ndarray]:
+        """`(worker, slot)`, each `[num_logical_experts]`: the first replica of every expert.
+
+        The fast path for experts with one replica: dispatch looks these up with one gather.
+        """
+        workers = np.array([r[0][0] for r in self.replicas], dtype=np.int64)
+        slots = np.array([r[0][1] for r in self.replicas], dtype=np.int64)
+        return workers, slots
+
+    def experts_of(self, worker: int) -> list[tuple[int, int]]:
+        """`[(slot, logical expert)]` hosted by `worker`, empty slots left out."""
+        return [(s, e) for s, e in enumerate(self.slots[worker]) if e != EMPTY]
+
+    def worker_load(self, expert_load: np.ndarray) -> np.ndarray:
+        """`[num_workers]` load when each expert's load `[num_logical_experts]` is split evenly
+        over its replicas."""
+        per_replica = np.asarray(expert_load, dtype=np.float64) / self.replica_counts
+        return np.array(
+            [sum(per_replica[e] for e in row if e != EMPTY) for row in self.slots]
+        )
+
+    def balancedness(self, expert_load: np.ndarray) -> float:
+        """Mean worker load / max worker load under `expert_load`; 1.0 when nothing is loaded."""
+        load = self.worker_load(expert_load)
+        peak = load.max()
+        return 1.0 if peak <= 0 else float(load.mean() / peak)
+
+    def to_dict(self) -> dict:
+        return {
+            "version": self.version,
+            "num_logical_experts": self.num_logical_experts,
+            "slots": [list(r) for r in self.slots],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Placement:
+        for key in ("version", "num_logical_experts", "slots"):
+            if key not in data:
+                raise ValueError(f"placement is missing key {key!r}; it has {sorted(data)}")
+        return cls.from_mapping(int(data["version"]), int(data["num_logical_experts"]), data["slots"])

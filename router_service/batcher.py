@@ -1,0 +1,168 @@
+"""Batch concurrent requests so the workers see big batches.
+
+Requests for the same MoE layer queue up; a batch closes when it holds `max_batch_tokens`, or
+`max_wait_ms` after its first request, and waits for one of `max_inflight_batches` places in
+the workers; requests that arrive meanwhile join it (up to the token limit). A request never
+splits; one larger than the limit goes alone. A request cancelled while queued (client gone,
+deadline passed) is dropped before it reaches a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from router_service.moe_layer import LayerOutput
+
+# (layer, hidden [T, H] float32) -> output for the whole batch
+ForwardFn = Callable[[int, torch.Tensor], Awaitable[LayerOutput]]
+
+
+@dataclass
+class _Pending:
+    hidden: torch.Tensor
+    future: asyncio.Future
+    enqueued_s: float = field(default_factory=time.perf_counter)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.hidden.shape[0])
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    """One request's slice of a batch output."""
+
+    hidden: torch.Tensor  # [t, H] float32
+    topk_ids: torch.Tensor  # [t, k] int64
+    topk_weights: torch.Tensor  # [t, k] float32
+    placement_version: int
+    batch_tokens: int
+    queued_s: float
+
+
+class _LayerQueue:
+    def __init__(self, layer: int, forward: ForwardFn, max_batch_tokens: int, max_wait_s: float, inflight: int):
+        self.layer = layer
+        self._forward = forward
+        self._max_tokens = max_batch_tokens
+        self._max_wait_s = max_wait_s
+        self._slots = asyncio.Semaphore(inflight)
+        self._items: deque[_Pending] = deque()
+        self._arrived = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._loop_task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-layer-{layer}")
+
+    def put(self, item: _Pending) -> None:
+        self._items.append(item)
+        self._arrived.set()
+
+    @property
+    def queued_tokens(self) -> int:
+        return sum(i.tokens for i in self._items)
+
+    def _take(self, batch: list[_Pending], tokens: int) -> int:
+        """Move live queued requests into `batch` while they fit; returns the token count."""
+        while self._items:
+            item = self._items[0]
+            if item.future.done():  # cancelled while queued
+                self._items.popleft()
+                continue
+            if batch and tokens + item.tokens > self._max_tokens:
+                break
+            batch.append(self._items.popleft())
+            tokens += item.tokens
+        return tokens
+
+    async def _run(self) -> None:
+        while True:
+            if not self._items:
+                self._arrived.clear()
+                await self._arrived.wait()
+            batch: list[_Pending] = []
+            tokens = self._take(batch, 0)
+            deadline = time.perf_counter() + self._max_wait_s
+            while batch and tokens < self._max_tokens and (wait := deadline - time.perf_counter()) > 0:
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), wait)
+                except TimeoutError:
+                    break
+                tokens = self._take(batch, tokens)
+            await self._slots.acquire()
+            tokens = self._take(batch, tokens)
+            batch = [item for item in batch if not item.future.done()]
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._serve(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, batch: list[_Pending]) -> None:
+        try:
+            hidden = batch[0].hidden if len(batch) == 1 else torch.cat([i.hidden for i in batch])
+            started = time.perf_counter()
+            result = await self._forward(self.layer, hidden)
+        except Exception as err:  # every waiter gets the batch's error; the loop lives on
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(err)
+            return
+        finally:
+            self._slots.release()
+        start = 0
+        for item in batch:
+            end = start + item.tokens
+            if not item.future.done():
+                item.future.set_result(RequestResult(
+                    hidden=result.hidden[start:end],
+                    topk_ids=result.routing.topk_ids[start:end],
+                    topk_weights=result.routing.topk_weights[start:end],
+                    placement_version=result.placement_version,
+                    batch_tokens=int(hidden.shape[0]),
+                    queued_s=started - item.enqueued_s,
+                ))
+            start = end
+
+    async def close(self) -> None:
+        self._loop_task.cancel()
+        for item in self._items:
+            item.future.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class Batcher:
+    """Per-layer request queues in front of one model's `forward`."""
+
+    def __init__(self, forward: ForwardFn, max_batch_tokens: int, max_wait_ms: float, max_inflight_batches: int):
+        self._forward = forward
+        self._max_tokens = max_batch_tokens
+        self._max_wait_s = max_wait_ms / 1000.0
+        self._inflight = max_inflight_batches
+        self._queues: dict[int, _LayerQueue] = {}
+
+    async def submit(self, layer: int, hidden: torch.Tensor) -> RequestResult:
+        """hidden: `[t, H]` float32. Cancelling the caller drops the request if still queued."""
+        queue = self._queues.get(layer)
+        if queue is None:
+            queue = self._queues[layer] = _LayerQueue(
+                layer, self._forward, self._max_tokens, self._max_wait_s, self._inflight
+            )
+        item = _Pending(hidden, asyncio.get_running_loop().create_future())
+        queue.put(item)
+        return await item.future
+
+    @property
+    def queued_tokens(self) -> int:
+        return sum(q.queued_tokens for q in self._queues.values())
+
+    async def close(self) -> None:
+        await asyncio.gather(*(q.close() for q in self._queues.values()))
+        self._queues.clear()

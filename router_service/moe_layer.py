@@ -1,0 +1,85 @@
+"""The distributed MoE layer as the router runs it: score -> plan dispatch -> scatter ->
+gather -> combine.
+
+The router never imports `workers`: it reaches the expert shards through `ExpertBackend`, a
+small protocol that the composition root fills with Ray actor handles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from cluster.model_spec import ModelSpec
+from cluster.placement import Placement
+from router_service.dispatch import ReplicaTable, WorkerRequest, combine, plan_dispatch
+from router_service.gate import Routing, mixtral_route
+
+
+class ExpertBackend(Protocol):
+    """How the router reaches the workers."""
+
+    def share(self, x: np.ndarray) -> Any:
+        """Make the batch `[T, H]` available to every worker once (e.g. `ray.put`)."""
+
+    def forward(self, shared_x: Any, request: WorkerRequest) -> Awaitable[np.ndarray]:
+        """Run `request` on its worker; resolves to `[request.num_tokens, H]` float32."""
+
+
+@dataclass(frozen=True)
+class LayerOutput:
+    """hidden: `[T, H]` float32; routing: the gate's choice; expert_tokens: `[E]` tokens routed
+    to each expert of the layer; placement_version: the placement this batch was served with."""
+
+    hidden: torch.Tensor
+    routing: Routing
+    expert_tokens: np.ndarray
+    placement_version: int
+
+
+class DistributedMoELayer:
+    """One model's MoE layers served over expert shard workers.
+
+    gate_weights: `{layer: [E, H] float32}`; placement: called once per batch, returns the
+    current placement (the seam where replication and rebalancing plug in).
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        gate_weights: dict[int, torch.Tensor],
+        placement: Callable[[], Placement],
+        backend: ExpertBackend,
+    ):
+        missing = [layer for layer in spec.moe_layers if layer not in gate_weights]
+        if missing:
+            raise ValueError(f"gate weights missing for MoE layers {missing}")
+        self.spec = spec
+        self._gates = {layer: w.float().contiguous() for layer, w in gate_weights.items()}
+        self._placement = placement
+        self._backend = backend
+        self._table: ReplicaTable | None = None
+
+    def _replica_table(self) -> ReplicaTable:
+        placement = self._placement()
+        if self._table is None or self._table.version != placement.version:
+            self._table = ReplicaTable(placement)
+        return self._table
+
+    async def forward(self, layer: int, hidden: torch.Tensor) -> LayerOutput:
+        """hidden: `[T, H]` float32 for MoE layer `layer` (the model's numbering)."""
+        moe_index = self.spec.moe_index(layer)
+        table = self._replica_table()
+        routing = mixtral_route(hidden, self._gates[layer], self.spec.top_k)  # score
+        plan = plan_dispatch(routing, moe_index, self.spec.num_experts, table)  # plan dispatch
+        shared_x = self._backend.share(hidden.numpy())  # scatter
+        outputs = await asyncio.gather(
+            *(self._backend.forward(shared_x, request) for request in plan.requests)
+        )  # gather
+        out = combine(hidden.shape[0], hidden.shape[1], plan, outputs)  # combine
+        return LayerOutput(out, routing, plan.expert_tokens, plan.placement_version)

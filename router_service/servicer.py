@@ -1,0 +1,105 @@
+"""The KServe v2 `inference.GRPCInferenceService` servicer. Domain errors become gRPC status
+codes here, in one place; nothing else in the router knows about status codes."""
+
+from __future__ import annotations
+
+import logging
+from importlib.metadata import PackageNotFoundError, version
+
+import grpc
+
+from protos import grpc_predict_v2_pb2 as pb
+from protos import grpc_predict_v2_pb2_grpc as pb_grpc
+from router_service.codec import INPUT_NAME, RequestError, decode_request, encode_tensor
+from router_service.router import ModelRouter
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "moe-serve"
+PLATFORM = "moe-serve_mixtral"
+MODEL_VERSION = "1"
+try:
+    SERVER_VERSION = version("moe-serve")
+except PackageNotFoundError:  # running from a source tree
+    SERVER_VERSION = "0+unknown"
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, models: dict[str, ModelRouter]):
+        self._models = models
+
+    def __repr__(self) -> str:
+        return f"InferenceServicer(models={sorted(self._models)})"
+
+    def _model(self, name: str, model_version: str = "") -> ModelRouter:
+        model = self._models.get(name)
+        if model is None:
+            raise RequestError(
+                grpc.StatusCode.NOT_FOUND,
+                f"unknown model '{name}'; this server serves {sorted(self._models)}",
+            )
+        if model_version not in ("", MODEL_VERSION):
+            raise RequestError(
+                grpc.StatusCode.NOT_FOUND,
+                f"model '{name}' has no version '{model_version}'; it has ['{MODEL_VERSION}']",
+            )
+        return model
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=bool(self._models) and all(m.ready for m in self._models.values()))
+
+    async def ModelReady(self, request, context):
+        try:
+            return pb.ModelReadyResponse(ready=self._model(request.name, request.version).ready)
+        except RequestError as err:
+            await context.abort(err.code, err.message)
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=[])
+
+    async def ModelMetadata(self, request, context):
+        try:
+            model = self._model(request.name, request.version)
+        except RequestError as err:
+            await context.abort(err.code, err.message)
+        spec = model.spec
+        meta = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=model.name,
+            versions=[MODEL_VERSION],
+            platform=PLATFORM,
+            inputs=[meta(name=INPUT_NAME, datatype="FP32", shape=[-1, spec.hidden_size])],
+            outputs=[
+                meta(name="hidden_states", datatype="FP32", shape=[-1, spec.hidden_size]),
+                meta(name="topk_ids", datatype="INT32", shape=[-1, spec.top_k]),
+                meta(name="topk_weights", datatype="FP32", shape=[-1, spec.top_k]),
+            ],
+        )
+
+    async def ModelInfer(self, request, context):
+        try:
+            model = self._model(request.model_name, request.model_version)
+            if not model.ready:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, f"model '{model.name}' is not ready yet")
+            decoded = decode_request(request, model.spec)
+            result = await model.infer(decoded.layer, decoded.hidden)
+        except RequestError as err:
+            await context.abort(err.code, err.message)
+        except Exception:
+            log.exception("inference failed for model %r", request.model_name)
+            await context.abort(grpc.StatusCode.INTERNAL, "inference failed inside the server; see the server log")
+        values = {
+            "hidden_states": (result.hidden, decoded.wire_dtype),
+            "topk_ids": (result.topk_ids, "INT32"),
+            "topk_weights": (result.topk_weights, "FP32"),
+        }
+        response = pb.ModelInferResponse(model_name=model.name, model_version=MODEL_VERSION, id=request.id)
+        for name in decoded.outputs:
+            tensor, raw = encode_tensor(name, *values[name])
+            response.outputs.append(tensor)
+            response.raw_output_contents.append(raw)
+        response.parameters["placement_version"].int64_param = result.placement_version
+        return response
