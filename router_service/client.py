@@ -103,8 +103,8 @@ class MoEClient:
         response = self._stub.ModelInfer(build_request(model, hidden, layer, topk, datatype), timeout=timeout_s)
         return parse_response(response)
 
-    def model_metadata(self, model: str) -> pb.ModelMetadataResponse:
-        return self._stub.ModelMetadata(pb.ModelMetadataRequest(name=model))
+    def model_metadata(self, model: str, timeout_s: float | None = None) -> pb.ModelMetadataResponse:
+        return self._stub.ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=timeout_s)
 
     def server_metadata(self) -> pb.ServerMetadataResponse:
         return self._stub.ServerMetadata(pb.ServerMetadataRequest())
