@@ -8,6 +8,7 @@ small protocol that the composition root fills with Ray actor handles.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -42,6 +43,25 @@ class LayerOutput:
     placement_version: int
 
 
+@dataclass
+class StageTimes:
+    """CPU seconds the router thread spent in its own stages (gate + dispatch + scatter, and
+    combine), summed over batches: the router's overhead beside the workers' math."""
+
+    dispatch: float = 0.0
+    combine: float = 0.0
+    batches: int = 0
+
+    def add(self, dispatch: float, combine: float) -> None:
+        self.dispatch += dispatch
+        self.combine += combine
+        self.batches += 1
+
+    @property
+    def total(self) -> float:
+        return self.dispatch + self.combine
+
+
 class DistributedMoELayer:
     """One model's MoE layers served over expert shard workers.
 
@@ -64,6 +84,7 @@ class DistributedMoELayer:
         self._placement = placement
         self._backend = backend
         self._table: ReplicaTable | None = None
+        self.stage_s = StageTimes()
 
     def _replica_table(self) -> ReplicaTable:
         placement = self._placement()
@@ -75,11 +96,14 @@ class DistributedMoELayer:
         """hidden: `[T, H]` float32 for MoE layer `layer` (the model's numbering)."""
         moe_index = self.spec.moe_index(layer)
         table = self._replica_table()
+        t0 = time.thread_time()
         routing = mixtral_route(hidden, self._gates[layer], self.spec.top_k)  # score
         plan = plan_dispatch(routing, moe_index, self.spec.num_experts, table)  # plan dispatch
         shared_x = self._backend.share(hidden.numpy())  # scatter
-        outputs = await asyncio.gather(
-            *(self._backend.forward(shared_x, request) for request in plan.requests)
-        )  # gather
+        calls = [self._backend.forward(shared_x, request) for request in plan.requests]
+        t1 = time.thread_time()
+        outputs = await asyncio.gather(*calls)  # gather
+        t2 = time.thread_time()
         out = combine(hidden.shape[0], hidden.shape[1], plan, outputs)  # combine
+        self.stage_s.add(dispatch=t1 - t0, combine=time.thread_time() - t2)
         return LayerOutput(out, routing, plan.expert_tokens, plan.placement_version)
