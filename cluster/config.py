@@ -82,7 +82,7 @@ class RouterConfig(_Section):
     host: Annotated[str, Field(description="address the gRPC server binds; 0.0.0.0 exposes it")] = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535, description="gRPC port; 0 picks a free one")] = 8001
     max_batch_tokens: Annotated[int, Field(ge=1, description="tokens per batch sent to the workers")] = 8192
-    max_wait_ms: Annotated[float, Field(ge=0, description="how long a batch waits for more requests")] = 1.0
+    max_wait_ms: Annotated[float, Field(ge=0, description="how long a batch waits for more requests once a worker slot is free; 0: requests that queue while the workers are busy form the next batch")] = 0.0
     max_inflight_batches: Annotated[int, Field(ge=1, description="batches in the workers at once per layer")] = 2
     max_message_mb: Annotated[int, Field(ge=1, description="largest request or response message")] = 256
     torch_threads: Annotated[int, Field(ge=1, description="torch threads in the router (gate, combine)")] = 1

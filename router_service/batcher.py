@@ -1,8 +1,8 @@
 """Batch concurrent requests so the workers see big batches.
 
-Requests for the same MoE layer queue up; a batch closes when it holds `max_batch_tokens`, or
-`max_wait_ms` after its first request, and waits for one of `max_inflight_batches` places in
-the workers; requests that arrive meanwhile join it (up to the token limit). A request never
+Requests for the same MoE layer queue up while the workers are busy. When one of
+`max_inflight_batches` places in the workers is free, the queued requests form the next batch
+(up to `max_batch_tokens`), which may wait up to `max_wait_ms` for more before it goes. A request never
 splits; one larger than the limit goes alone. A request cancelled while queued (client gone,
 deadline passed) is dropped before it reaches a worker.
 """
@@ -84,6 +84,7 @@ class _LayerQueue:
             if not self._items:
                 self._arrived.clear()
                 await self._arrived.wait()
+            await self._slots.acquire()  # requests queue up while the workers are busy
             batch: list[_Pending] = []
             tokens = self._take(batch, 0)
             deadline = time.perf_counter() + self._max_wait_s
@@ -91,11 +92,9 @@ class _LayerQueue:
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), wait)
-                except TimeoutError:
+                except asyncio.TimeoutError:
                     break
                 tokens = self._take(batch, tokens)
-            await self._slots.acquire()
-            tokens = self._take(batch, tokens)
             batch = [item for item in batch if not item.future.done()]
             if not batch:
                 self._slots.release()
