@@ -106,6 +106,8 @@ class ServeConfig(_Section):
             if value is None:
                 continue
             section, _, field = key.partition(".")
+            if section not in data or not field:
+                raise ConfigError(f"unknown setting {key!r}; settings are section.key, sections: {sorted(data)}")
             data[section][field] = value
             if key == "model.checkpoint":
                 data["model"]["random"] = None
@@ -137,6 +139,8 @@ def load_config(path: str | Path | None) -> ServeConfig:
         data = yaml.safe_load(path.read_text())
     except OSError as err:
         raise ConfigError(f"{path}: cannot read config file: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file; expected a YAML config") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if data is not None and not isinstance(data, dict):

@@ -71,8 +71,12 @@ class ModelSpec:
         except ValueError:
             raise ValueError(
                 f"layer {layer} is not an MoE layer of this model; valid layers: "
-                f"{_ranges(self.moe_layers)}"
+                f"{self.describe_layers()}"
             ) from None
+
+    def describe_layers(self) -> str:
+        """The MoE layers as short ranges, e.g. `"1-3, 7"`."""
+        return _ranges(self.moe_layers)
 
     def expert_bytes(self, bytes_per_param: int = 4) -> int:
         """Memory of one expert's three matrices (w1, w3: [F, H]; w2: [H, F])."""

@@ -89,7 +89,12 @@ class Placement:
         cls, version: int, num_logical_experts: int, mapping: dict[int, list[int]] | list[list[int]]
     ) -> Placement:
         """From `{worker: [expert per slot]}` or a list of rows (e.g. read back from a file)."""
-        rows = [mapping[w] for w in sorted(mapping)] if isinstance(mapping, dict) else mapping
+        if isinstance(mapping, dict):
+            if sorted(mapping) != list(range(len(mapping))):
+                raise ValueError(f"workers must be numbered 0..{len(mapping) - 1}, got {sorted(mapping)}")
+            rows = [mapping[w] for w in range(len(mapping))]
+        else:
+            rows = mapping
         return cls(version, num_logical_experts, tuple(tuple(int(e) for e in r) for r in rows))
 
     # ---- derived views (computed once per value) ---------------------------------------

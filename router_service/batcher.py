@@ -56,6 +56,7 @@ class _LayerQueue:
         self._items: deque[_Pending] = deque()
         self._arrived = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
+        self._forming: list[_Pending] = []  # taken from the queue, not yet handed to a worker
         self._loop_task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-layer-{layer}")
 
     def put(self, item: _Pending) -> None:
@@ -85,7 +86,7 @@ class _LayerQueue:
                 self._arrived.clear()
                 await self._arrived.wait()
             await self._slots.acquire()  # requests queue up while the workers are busy
-            batch: list[_Pending] = []
+            batch = self._forming = []
             tokens = self._take(batch, 0)
             deadline = time.perf_counter() + self._max_wait_s
             while batch and tokens < self._max_tokens and (wait := deadline - time.perf_counter()) > 0:
@@ -95,7 +96,7 @@ class _LayerQueue:
                 except asyncio.TimeoutError:
                     break
                 tokens = self._take(batch, tokens)
-            batch = [item for item in batch if not item.future.done()]
+            batch, self._forming = [item for item in batch if not item.future.done()], []
             if not batch:
                 self._slots.release()
                 continue
@@ -108,6 +109,10 @@ class _LayerQueue:
             hidden = batch[0].hidden if len(batch) == 1 else torch.cat([i.hidden for i in batch])
             started = time.perf_counter()
             result = await self._forward(self.layer, hidden)
+        except asyncio.CancelledError:  # closing: nobody is left waiting
+            for item in batch:
+                item.future.cancel()
+            raise
         except Exception as err:  # every waiter gets the batch's error; the loop lives on
             for item in batch:
                 if not item.future.done():
@@ -131,7 +136,7 @@ class _LayerQueue:
 
     async def close(self) -> None:
         self._loop_task.cancel()
-        for item in self._items:
+        for item in [*self._forming, *self._items]:
             item.future.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)

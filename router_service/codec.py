@@ -121,13 +121,13 @@ def _layer(request: pb.ModelInferRequest, spec: ModelSpec) -> int:
             return spec.moe_layers[0]
         raise invalid(
             f"request parameter 'layer' is required: this model has {spec.num_moe_layers} "
-            f"MoE layers ({spec.moe_layers[0]}..{spec.moe_layers[-1]})"
+            f"MoE layers ({spec.describe_layers()})"
         )
     param = request.parameters["layer"]
     kind = param.WhichOneof("parameter_choice")
     if kind in ("int64_param", "uint64_param"):
         layer = getattr(param, kind)
-    elif kind == "string_param" and param.string_param.strip().lstrip("-").isdigit():
+    elif kind == "string_param" and _is_int(param.string_param):
         layer = int(param.string_param)
     else:
         shown = f"{kind} {getattr(param, kind)!r}" if kind else "an empty parameter"
@@ -137,6 +137,14 @@ def _layer(request: pb.ModelInferRequest, spec: ModelSpec) -> int:
     except ValueError as err:
         raise invalid(str(err)) from None
     return layer
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _requested_outputs(request: pb.ModelInferRequest) -> tuple[str, ...]:

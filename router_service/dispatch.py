@@ -106,6 +106,6 @@ def combine(tokens: int, hidden: int, plan: DispatchPlan, outputs: list[np.ndarr
     outputs[i]: `[plan.requests[i].num_tokens, hidden]`.
     """
     out = torch.zeros(tokens, hidden, dtype=torch.float32)
-    for request, y in zip(plan.requests, outputs):
+    for request, y in zip(plan.requests, outputs, strict=True):
         out.index_add_(0, torch.from_numpy(request.token_idx), torch.from_numpy(y))
     return out

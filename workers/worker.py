@@ -52,15 +52,16 @@ class ExpertWorker:
     def load(self, assignments: list[tuple[int, int]]) -> int:
         """Load `[(slot, logical expert)]` from the weight source; returns bytes loaded."""
         E = self.spec.num_experts
-        pairs = [(self.spec.moe_layers[g // E], g % E) for _, g in assignments]
-        by_pair = dict(zip(pairs, assignments))
+        slots_of: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for slot, logical in assignments:  # an expert may fill several slots: read it once
+            slots_of.setdefault((self.spec.moe_layers[logical // E], logical % E), []).append((slot, logical))
         loaded = 0
-        for pair, w in self._weights.experts(pairs):
-            slot, logical = by_pair[pair]
+        for pair, w in self._weights.experts(list(slots_of)):
             w13 = fuse_w13(w.w1, w.w3).to(self.device)
             w2 = w.w2.contiguous().to(self.device)
-            self._slots[slot] = (logical, w13, w2)
-            loaded += (w13.numel() + w2.numel()) * w13.element_size()
+            for slot, logical in slots_of[pair]:
+                self._slots[slot] = (logical, w13, w2)
+                loaded += (w13.numel() + w2.numel()) * w13.element_size()
         return loaded
 
     def unload(self, slots: list[int]) -> None:

@@ -1,0 +1,226 @@
+"""Service configuration: defaults, YAML loading, every mistake named by its key, and command-line
+overrides."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from cluster.config import (
+    ConfigError,
+    RandomModelConfig,
+    ServeConfig,
+    load_config,
+    validate_config,
+)
+from cluster.model_spec import ModelSpec
+
+
+def write(tmp_path: Path, text: str, name: str = "serve.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def config_error(path: Path) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Good configurations
+# ---------------------------------------------------------------------------------------------
+
+
+def test_defaults_are_valid_and_consistent() -> None:
+    config = load_config(None)
+
+    assert config == ServeConfig()
+    assert config.model.name == "moe"
+    assert config.model.checkpoint is None
+    assert config.model.random_or_default == RandomModelConfig()
+    assert config.workers.count == 2
+    assert config.router.port == 8001
+    assert config.ray.namespace == "moe-serve"
+    assert RandomModelConfig().spec() == ModelSpec(
+        hidden_size=256, intermediate_size=512, num_experts=8, top_k=2, moe_layers=(0, 1),
+        num_hidden_layers=2,
+    )  # fmt: skip
+
+
+def test_yaml_file_loads(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+model:
+  name: tiny-moe
+  random: {layers: 3, experts: 4, hidden: 16, ffn: 32, top_k: 1, seed: 7}
+workers:
+  count: 3
+  slots_per_worker: 5
+  num_gpus: 0.5
+  device: cpu
+router:
+  port: 0
+  max_wait_ms: 2.5
+ray:
+  address: auto
+""")
+
+    config = load_config(path)
+
+    assert config.model.name == "tiny-moe"
+    assert config.model.random == RandomModelConfig(layers=3, experts=4, hidden=16, ffn=32, top_k=1, seed=7)
+    assert config.model.random_or_default.spec().moe_layers == (0, 1, 2)
+    assert (config.workers.count, config.workers.slots_per_worker) == (3, 5)
+    assert config.workers.num_gpus == 0.5
+    assert config.workers.device == "cpu"
+    assert (config.router.port, config.router.max_wait_ms) == (0, 2.5)
+    assert config.router.max_batch_tokens == 8192  # untouched keys keep defaults
+    assert config.ray.address == "auto"
+
+
+def test_empty_file_means_defaults(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "")) == ServeConfig()
+
+
+def test_checkpoint_config_has_no_random_model(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "model: {checkpoint: /models/mixtral}\n"))
+
+    assert config.model.checkpoint == "/models/mixtral"
+    assert config.model.random_or_default is None
+
+
+def test_sections_are_frozen() -> None:
+    config = ServeConfig()
+    with pytest.raises(ValueError, match="frozen"):
+        config.router.port = 1  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------------------------------------
+# Mistakes, each named by its key
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "detail"),
+    [
+        pytest.param("bogus: 1\n", "bogus", "Extra inputs are not permitted", id="unknown-top-level"),
+        pytest.param("router: {prot: 80}\n", "router.prot", "Extra inputs are not permitted",
+                     id="unknown-nested"),
+        pytest.param("model: {random: {expert: 4}}\n", "model.random.expert",
+                     "Extra inputs are not permitted", id="unknown-deeply-nested"),
+        pytest.param("workers: {count: two}\n", "workers.count", "valid integer", id="wrong-type"),
+        pytest.param("router: {max_wait_ms: [1]}\n", "router.max_wait_ms", "valid number",
+                     id="wrong-type-list"),
+        pytest.param("workers: {count: -1}\n", "workers.count", "greater than or equal to 1",
+                     id="negative-count"),
+        pytest.param("router: {port: 70000}\n", "router.port", "less than or equal to 65535",
+                     id="port-too-large"),
+        pytest.param("workers: {device: tpu}\n", "workers.device", "'auto', 'cpu' or 'cuda'",
+                     id="unknown-device"),
+        pytest.param("model: {name: 'has space'}\n", "model.name", "should match pattern",
+                     id="bad-model-name"),
+        pytest.param("router: 5\n", "router", "valid dictionary", id="section-not-a-mapping"),
+    ],
+)  # fmt: skip
+def test_mistake_names_the_key(tmp_path: Path, text: str, key: str, detail: str) -> None:
+    path = write(tmp_path, text)
+
+    message = config_error(path)
+
+    assert message.startswith(f"{path}: invalid configuration\n")
+    assert re.search(rf"^  {re.escape(key)}: .*{re.escape(detail)}", message, re.MULTILINE), message
+
+
+def test_every_mistake_is_listed(tmp_path: Path) -> None:
+    message = config_error(write(tmp_path, "workers: {count: 0, num_cpus: -1}\nbogus: 1\n"))
+
+    assert "workers.count:" in message
+    assert "workers.num_cpus:" in message
+    assert "bogus:" in message
+
+
+def test_top_k_above_experts_names_both_values(tmp_path: Path) -> None:
+    message = config_error(write(tmp_path, "model: {random: {experts: 2, top_k: 3}}\n"))
+
+    assert "random.top_k (3) exceeds random.experts (2)" in message
+    assert "model.random:" in message
+
+
+def test_checkpoint_and_random_both_given(tmp_path: Path) -> None:
+    message = config_error(write(tmp_path, "model: {checkpoint: /ckpt, random: {seed: 1}}\n"))
+
+    assert "give either model.checkpoint ('/ckpt') or model.random, not both" in message
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    path = write(tmp_path, "router: {port: [1\n")
+    assert config_error(path).startswith(f"{path}: not valid YAML: ")
+
+
+@pytest.mark.parametrize(("text", "kind"), [("- a\n- b\n", "list"), ("42\n", "int"), ("hello\n", "str")])
+def test_top_level_must_be_a_mapping(tmp_path: Path, text: str, kind: str) -> None:
+    path = write(tmp_path, text)
+    assert config_error(path) == f"{path}: top level must be a mapping of sections, got {kind}"
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    assert config_error(path) == f"{path}: cannot read config file: No such file or directory"
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    assert config_error(tmp_path) == f"{tmp_path}: cannot read config file: Is a directory"
+
+
+def test_binary_file_is_a_config_error(tmp_path: Path) -> None:
+    # e.g. a checkpoint passed by mistake: not UTF-8 text
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"\xff\xfe\x00\x01binary")
+
+    assert config_error(path).startswith(f"{path}: ")
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides
+# ---------------------------------------------------------------------------------------------
+
+
+def test_overrides_apply_dotted_keys() -> None:
+    config = ServeConfig().with_overrides(**{"router.port": 0, "workers.count": 5, "model.name": "m2"})
+
+    assert config.router.port == 0
+    assert config.workers.count == 5
+    assert config.model.name == "m2"
+    assert config.router.host == "127.0.0.1"  # others untouched
+
+
+def test_overrides_ignore_none() -> None:
+    base = ServeConfig().with_overrides(**{"router.port": 9000})
+
+    assert base.with_overrides(**{"router.port": None, "ray.address": None}) == base
+
+
+def test_overrides_are_validated() -> None:
+    with pytest.raises(ConfigError) as info:
+        ServeConfig().with_overrides(**{"workers.count": 0})
+
+    message = str(info.value)
+    assert message.startswith("command line: invalid configuration\n")
+    assert "workers.count:" in message and "(got 0)" in message
+
+
+def test_checkpoint_override_clears_random(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "model: {random: {experts: 4, top_k: 1}}\n"))
+
+    overridden = config.with_overrides(**{"model.checkpoint": "/ckpt"})
+
+    assert overridden.model.checkpoint == "/ckpt"
+    assert overridden.model.random is None
+    assert overridden.model.random_or_default is None
+
+
+def test_validate_config_accepts_none() -> None:
+    assert validate_config(None) == ServeConfig()

@@ -1,0 +1,206 @@
+"""Expert math (fused SwiGLU, per-slot runs) against the unfused Mixtral formula, and the expert
+shard worker used as a plain object: load, forward, unload, stats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cluster.model_spec import ModelSpec
+from workers.expert_math import fuse_w13, run_slots, swiglu
+from workers.weights import ExpertWeights, RandomModel
+from workers.worker import ExpertWorker
+
+SPEC = ModelSpec(
+    hidden_size=8, intermediate_size=12, num_experts=4, top_k=2, moe_layers=(0, 1), num_hidden_layers=2
+)
+
+
+def unfused(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
+    """Mixtral's expert, written out in float64: w2(silu(w1 x) * w3 x)."""
+    x, w1, w2, w3 = x.double(), w.w1.double(), w.w2.double(), w.w3.double()
+    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
+def random_expert(seed: int, hidden: int = 8, inter: int = 12) -> ExpertWeights:
+    gen = torch.Generator().manual_seed(seed)
+    return ExpertWeights(
+        w1=torch.randn(inter, hidden, generator=gen) / hidden**0.5,
+        w2=torch.randn(hidden, inter, generator=gen) / inter**0.5,
+        w3=torch.randn(inter, hidden, generator=gen) / hidden**0.5,
+    )
+
+
+@pytest.fixture
+def restore_torch_threads():
+    """ExpertWorker sets torch's thread count for the process; put it back afterwards."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def worker(restore_torch_threads) -> ExpertWorker:
+    return ExpertWorker(3, RandomModel(SPEC, seed=11), torch_threads=1, device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# expert_math
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fuse_w13_stacks_gate_then_up_rows() -> None:
+    w = random_expert(0)
+
+    w13 = fuse_w13(w.w1, w.w3)
+
+    assert w13.shape == (24, 8)
+    assert w13.is_contiguous()
+    assert torch.equal(w13[:12], w.w1) and torch.equal(w13[12:], w.w3)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 64])
+def test_swiglu_equals_unfused_formula(tokens: int) -> None:
+    w = random_expert(tokens)
+    x = torch.randn(tokens, 8, generator=torch.Generator().manual_seed(1))
+
+    y = swiglu(x, fuse_w13(w.w1, w.w3), w.w2)
+
+    assert y.shape == (tokens, 8) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), unfused(x, w), rtol=1e-5, atol=1e-6)
+
+
+def test_swiglu_writes_into_out() -> None:
+    w = random_expert(2)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
+    out = torch.full((3, 8), float("nan"))
+
+    returned = swiglu(x, fuse_w13(w.w1, w.w3), w.w2, out=out)
+
+    assert returned.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out.double(), unfused(x, w), rtol=1e-5, atol=1e-6)
+
+
+def test_run_slots_equals_per_segment_computation() -> None:
+    experts = [random_expert(s) for s in range(3)]
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(5))
+    # segment 0: tokens 0, 2, 5; segment 1: empty; segment 2: tokens 2, 3 (token 2 twice overall)
+    offsets = torch.tensor([0, 3, 3, 5])
+    token_idx = torch.tensor([0, 2, 5, 2, 3])
+    weights = torch.tensor([0.5, 0.25, 1.0, 0.75, 0.1])
+    fused = [(fuse_w13(e.w1, e.w3), e.w2) for e in experts]
+
+    out = run_slots(x, fused, offsets, token_idx, weights)
+
+    expected = torch.stack([
+        weights[j].double() * unfused(x[token_idx[j]][None], experts[seg])[0]
+        for j, seg in enumerate([0, 0, 0, 2, 2])
+    ])  # fmt: skip
+    assert out.shape == (5, 8)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# ExpertWorker as a plain object
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_forward(model: RandomModel, hosted: dict[int, int], x: np.ndarray, slot_ids, offsets,
+                      token_idx, weights) -> np.ndarray:
+    """Per-row loop over the weight source's own expert weights."""
+    E = model.spec.num_experts
+    out = np.zeros((len(token_idx), x.shape[1]))
+    for i, slot in enumerate(slot_ids):
+        g = hosted[slot]
+        w = model.expert(model.spec.moe_layers[g // E], g % E)
+        for j in range(offsets[i], offsets[i + 1]):
+            row = unfused(torch.from_numpy(x[token_idx[j]])[None], w)[0].numpy()
+            out[j] = weights[j] * row
+    return out
+
+
+def test_load_then_forward_equals_direct_computation(worker: ExpertWorker) -> None:
+    model = RandomModel(SPEC, seed=11)
+    # slot 0: layer 0 expert 1; slot 2: logical 6 = layer 1 expert 2; slot 1: layer 1 expert 3
+    loaded = worker.load([(0, 1), (2, 6), (1, 7)])
+
+    assert loaded == 3 * SPEC.expert_bytes()
+    assert worker.hosted() == {0: 1, 2: 6, 1: 7}
+    x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    slot_ids = np.array([0, 2])
+    offsets = np.array([0, 3, 5])
+    token_idx = np.array([0, 1, 4, 1, 3])
+    weights = np.array([0.9, 0.5, 0.2, 0.5, 0.7], dtype=np.float32)
+
+    out = worker.forward(x, slot_ids, offsets, token_idx, weights)
+
+    assert out.shape == (5, 8) and out.dtype == np.float32
+    expected = reference_forward(model, {0: 1, 2: 6}, x, slot_ids, offsets, token_idx, weights)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_on_an_unloaded_slot_names_it(worker: ExpertWorker) -> None:
+    worker.load([(0, 1)])
+    x = np.ones((2, 8), dtype=np.float32)
+
+    with pytest.raises(KeyError, match=r"worker 3 has no replica loaded in slots \[1, 4\]"):
+        worker.forward(x, np.array([0, 1, 4]), np.array([0, 1, 2, 3]), np.array([0, 1, 0]),
+                       np.ones(3, dtype=np.float32))
+    assert worker.stats()["calls"] == 0, "a refused call does not count"
+
+
+def test_unload(worker: ExpertWorker) -> None:
+    worker.load([(0, 1), (1, 2)])
+
+    worker.unload([0, 5])  # slot 5 was never loaded: ignored
+
+    assert worker.hosted() == {1: 2}
+    with pytest.raises(KeyError, match=r"slots \[0\]"):
+        worker.forward(np.ones((1, 8), dtype=np.float32), np.array([0]), np.array([0, 1]),
+                       np.array([0]), np.ones(1, dtype=np.float32))
+
+
+def test_load_replaces_a_slot(worker: ExpertWorker) -> None:
+    model = RandomModel(SPEC, seed=11)
+    worker.load([(0, 1)])
+    worker.load([(0, 5)])  # layer 1 expert 1
+    x = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)
+    args = (np.array([0]), np.array([0, 2]), np.array([0, 1]), np.ones(2, dtype=np.float32))
+
+    out = worker.forward(x, *args)
+
+    assert worker.hosted() == {0: 5}
+    np.testing.assert_allclose(out, reference_forward(model, {0: 5}, x, *args), rtol=1e-5, atol=1e-6)
+
+
+def test_same_expert_in_two_slots_loads_both(worker: ExpertWorker) -> None:
+    # a placement may put two replicas of a hot expert on one worker
+    worker.load([(0, 3), (1, 3)])
+
+    assert worker.hosted() == {0: 3, 1: 3}
+
+
+def test_stats_count_calls_and_tokens(worker: ExpertWorker) -> None:
+    worker.load([(0, 0), (1, 4)])
+    x = np.ones((4, 8), dtype=np.float32)
+
+    worker.forward(x, np.array([0, 1]), np.array([0, 3, 4]), np.array([0, 1, 2, 3]),
+                   np.ones(4, dtype=np.float32))
+    worker.forward(x, np.array([1]), np.array([0, 2]), np.array([1, 2]), np.ones(2, dtype=np.float32))
+
+    stats = worker.stats()
+    assert {k: stats[k] for k in ("index", "slots", "calls", "tokens")} == {
+        "index": 3, "slots": 2, "calls": 2, "tokens": 6,
+    }  # fmt: skip
+    assert stats["busy_s"] > 0
+
+
+def test_repr_and_ready(worker: ExpertWorker) -> None:
+    worker.load([(0, 0), (1, 1)])
+
+    assert repr(worker).startswith("ExpertWorker(index=3, slots=2, device=cpu, pid=")
+    ready = worker.ready()
+    assert (ready["index"], ready["device"]) == (3, "cpu")
+    assert isinstance(ready["pid"], int)
