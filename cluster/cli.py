@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"serve": cmd_serve, "infer": cmd_infer, "demo": cmd_demo}
     try:
         return handlers[args.command](args)
-    except (ConfigError, ValueError, OSError) as err:
+    except (ConfigError, ValueError, TypeError, OSError) as err:
         console.print(f"[red]error:[/] {err}", highlight=False)
         return 2
     except grpc.RpcError as err:
