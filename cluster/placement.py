@@ -51,6 +51,13 @@ class Placement:
                         f"worker {w} slot {s} holds logical expert {expert}, outside "
                         f"0..{self.num_logical_experts - 1}"
                     )
+            held = [e for e in row if e != EMPTY]
+            if len(held) != len(set(held)):
+                twice = sorted({e for e in held if held.count(e) > 1})
+                raise ValueError(
+                    f"worker {w} holds logical experts {twice} more than once; a second replica "
+                    f"on the same worker adds no capacity"
+                )
         missing = np.flatnonzero(self.replica_counts == 0)
         if missing.size:
             raise ValueError(

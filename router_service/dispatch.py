@@ -1,6 +1,5 @@
-"""Plan dispatch and combine: which worker slot gets which token rows, and how outputs sum up.
-
-Pure numpy/torch over one batch and one placement: no Ray, no gRPC.
+"""Plan dispatch and combine: which worker gets which token rows of which expert, and how the
+outputs sum up. Pure numpy/torch over one batch and one placement: no Ray, no gRPC.
 """
 
 from __future__ import annotations
@@ -18,16 +17,18 @@ from router_service.gate import Routing
 class WorkerRequest:
     """One worker's share of a batch.
 
-    slot_ids: `[S]` slots that receive tokens; offsets: `[S + 1]`, slot `slot_ids[i]` gets
-    rows `offsets[i]:offsets[i+1]` of token_idx/weights; token_idx: `[N]` int64 rows of the
-    batch; weights: `[N]` float32 gate weights.
+    expert_ids: `[S]` logical experts (global ids) that receive tokens; offsets: `[S + 1]`,
+    expert `expert_ids[i]` gets rows `offsets[i]:offsets[i+1]` of token_idx/weights;
+    token_idx: `[N]` int64 rows of the batch; weights: `[N]` float32 gate weights. The worker
+    answers `[U, H]`, one summed row per distinct token (`rows`).
     """
 
     worker: int
-    slot_ids: np.ndarray
+    expert_ids: np.ndarray
     offsets: np.ndarray
     token_idx: np.ndarray
     weights: np.ndarray
+    rows: np.ndarray  # [U] distinct tokens of token_idx, ascending: the rows the worker returns
 
     @property
     def num_tokens(self) -> int:
@@ -37,36 +38,84 @@ class WorkerRequest:
 @dataclass(frozen=True)
 class DispatchPlan:
     """requests: one per worker that receives tokens; expert_tokens: `[E]` tokens per logical
-    expert of this layer (the routed load)."""
+    expert of this layer (the routed load); worker_tokens: `[W]` tokens sent to each worker."""
 
     placement_version: int
     requests: tuple[WorkerRequest, ...]
     expert_tokens: np.ndarray
+    worker_tokens: np.ndarray
 
 
 class ReplicaTable:
     """A placement's replicas as padded arrays, for vectorised lookups (built once per version).
 
-    worker, slot: `[num_logical_experts, max_replicas]`; count: `[num_logical_experts]`.
+    worker: `[num_logical_experts, max_replicas]` (EMPTY-padded); count: `[num_logical_experts]`.
     """
 
     def __init__(self, placement: Placement):
         self.version = placement.version
-        self.num_slots = max(len(row) for row in placement.slots)
+        self.num_workers = placement.num_workers
         width = max(len(r) for r in placement.replicas)
         self.worker = np.full((placement.num_logical_experts, width), EMPTY, dtype=np.int64)
-        self.slot = np.full_like(self.worker, EMPTY)
         for expert, reps in enumerate(placement.replicas):
-            for j, (w, s) in enumerate(reps):
-                self.worker[expert, j], self.slot[expert, j] = w, s
+            self.worker[expert, : len(reps)] = [w for w, _ in reps]
         self.count = placement.replica_counts.astype(np.int64)
+        self.replicated = np.flatnonzero(self.count > 1)
 
 
-def plan_dispatch(routing: Routing, moe_index: int, num_experts: int, table: ReplicaTable) -> DispatchPlan:
-    """Group the batch's (token, expert) assignments by worker and slot.
+def water_fill(loads: np.ndarray, n: int) -> np.ndarray:
+    """Split `n` tokens over workers with `loads` `[m]` so the fullest ends as low as possible:
+    raise the least loaded first, like water poured into vessels. Returns int shares `[m]`."""
+    order = np.argsort(loads, kind="stable")
+    sorted_loads = loads[order].astype(np.float64)
+    prefix = np.cumsum(sorted_loads)
+    m = len(loads)
+    for j in range(1, m + 1):
+        level = (n + prefix[j - 1]) / j
+        if j == m or level <= sorted_loads[j]:
+            break
+    exact = np.maximum(0.0, level - loads.astype(np.float64))
+    shares = np.floor(exact).astype(np.int64)
+    short = n - int(shares.sum())
+    if short > 0:
+        shares[np.argsort(-(exact - shares), kind="stable")[:short]] += 1
+    return shares
 
-    Tokens of an expert with several replicas are split into equal contiguous shares, one per
-    replica.
+
+def _replica_of(sorted_expert: np.ndarray, counts: np.ndarray, table: ReplicaTable,
+                outstanding: np.ndarray | None) -> np.ndarray:
+    """Replica index for each assignment, sorted by expert: `[N]`.
+
+    A replicated expert's tokens are split into contiguous shares, one per replica, by spare
+    capacity: the workers' `outstanding` tokens (queued or running, `[W]`) plus this batch's
+    tokens of experts with one replica are the water level each replica's share fills up to.
+    """
+    replica = np.zeros(sorted_expert.shape[0], dtype=np.int64)
+    hot = table.replicated[counts[table.replicated] > 0]
+    if hot.size == 0:
+        return replica
+    single = np.flatnonzero((table.count == 1) & (counts > 0))
+    load = np.zeros(table.num_workers, dtype=np.float64)
+    if outstanding is not None:
+        load[: len(outstanding)] += outstanding[: table.num_workers]
+    np.add.at(load, table.worker[single, 0], counts[single])
+    starts = np.cumsum(counts) - counts
+    for expert in hot[np.argsort(-counts[hot], kind="stable")]:
+        n = counts[expert]
+        workers = table.worker[expert, : table.count[expert]]
+        shares = water_fill(load[workers], int(n))
+        load[workers] += shares
+        bounds = np.cumsum(shares)
+        replica[starts[expert]: starts[expert] + n] = np.searchsorted(bounds, np.arange(n), side="right")
+    return replica
+
+
+def plan_dispatch(routing: Routing, moe_index: int, num_experts: int, table: ReplicaTable,
+                  outstanding: np.ndarray | None = None) -> DispatchPlan:
+    """Group the batch's (token, expert) assignments by worker and logical expert.
+
+    outstanding: `[W]` tokens each worker still has in hand; replicated experts' tokens go
+    preferably to the replicas with spare capacity (see `_replica_of`).
     """
     topk_ids = routing.topk_ids.numpy()
     tokens, k = topk_ids.shape
@@ -77,35 +126,38 @@ def plan_dispatch(routing: Routing, moe_index: int, num_experts: int, table: Rep
     by_expert = np.argsort(logical, kind="stable")
     sorted_expert = logical[by_expert]
     counts = np.bincount(sorted_expert, minlength=table.count.shape[0])
-    rank = np.arange(sorted_expert.shape[0]) - (np.cumsum(counts) - counts)[sorted_expert]
-    replica = rank * table.count[sorted_expert] // counts[sorted_expert]
-    worker = table.worker[sorted_expert, replica]
-    slot = table.slot[sorted_expert, replica]
+    worker = table.worker[sorted_expert, _replica_of(sorted_expert, counts, table, outstanding)]
 
-    by_slot = np.argsort(worker * table.num_slots + slot, kind="stable")
-    worker, slot = worker[by_slot], slot[by_slot]
-    order = by_expert[by_slot]
+    by_worker = np.argsort(worker, kind="stable")  # stays sorted by expert within a worker
+    worker, expert = worker[by_worker], sorted_expert[by_worker]
+    order = by_expert[by_worker]
     requests = []
     for w in np.unique(worker):
         lo, hi = np.searchsorted(worker, [w, w + 1])
-        slots, starts = np.unique(slot[lo:hi], return_index=True)
+        expert_ids, starts = np.unique(expert[lo:hi], return_index=True)
+        token_idx = np.ascontiguousarray(token_of[order[lo:hi]])
         requests.append(WorkerRequest(
             worker=int(w),
-            slot_ids=slots,
+            expert_ids=expert_ids,
             offsets=np.append(starts, hi - lo).astype(np.int64),
-            token_idx=np.ascontiguousarray(token_of[order[lo:hi]]),
+            token_idx=token_idx,
             weights=np.ascontiguousarray(weight_of[order[lo:hi]]),
+            rows=np.unique(token_idx),
         ))
     expert_tokens = counts[moe_index * num_experts:(moe_index + 1) * num_experts]
-    return DispatchPlan(table.version, tuple(requests), expert_tokens)
+    worker_tokens = np.bincount(worker, minlength=table.num_workers)
+    return DispatchPlan(table.version, tuple(requests), expert_tokens, worker_tokens)
 
 
 def combine(tokens: int, hidden: int, plan: DispatchPlan, outputs: list[np.ndarray]) -> torch.Tensor:
-    """Sum the workers' gate-weighted outputs into `[tokens, hidden]` float32.
+    """Sum the workers' partial sums into `[tokens, hidden]` float32.
 
-    outputs[i]: `[plan.requests[i].num_tokens, hidden]`.
+    outputs[i]: `[len(plan.requests[i].rows), hidden]`, one row per distinct token.
     """
     out = torch.zeros(tokens, hidden, dtype=torch.float32)
     for request, y in zip(plan.requests, outputs, strict=True):
-        out.index_add_(0, torch.from_numpy(request.token_idx), torch.from_numpy(y))
+        if len(request.rows) == tokens:  # the worker saw every token: a plain add
+            out += torch.from_numpy(y)
+        else:
+            out.index_add_(0, torch.from_numpy(request.rows), torch.from_numpy(y))
     return out

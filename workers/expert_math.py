@@ -26,25 +26,29 @@ def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, out: torch.Tens
     return torch.matmul(hidden, w2.t(), out=out)
 
 
-def run_slots(
+def run_experts(
     x: torch.Tensor,
     experts: list[tuple[torch.Tensor, torch.Tensor]],
     offsets: torch.Tensor,
     token_idx: torch.Tensor,
     weights: torch.Tensor,
-) -> torch.Tensor:
-    """Run several experts on their tokens and scale each output row by its gate weight.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run several experts on their tokens and sum each token's gate-weighted outputs.
 
     x: `[T, H]` the whole batch; experts: `(w13, w2)` per segment; offsets: `[S + 1]`,
     segment `i` is rows `offsets[i]:offsets[i+1]` of token_idx/weights; token_idx: `[N]` rows
-    of x; weights: `[N]` gate weights. Returns `[N, H]`, row j for assignment j.
+    of x; weights: `[N]` gate weights. Returns `(rows [U], partial [U, H])`: the distinct
+    tokens, ascending, and for each the sum of its weighted expert outputs here. Summing
+    before returning sends each token back once, not once per expert it visited here.
     """
-    out = torch.empty(token_idx.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+    rows, inverse = torch.unique(token_idx, sorted=True, return_inverse=True)
+    partial = torch.zeros(rows.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
     bounds = offsets.tolist()
     for i, (w13, w2) in enumerate(experts):
         lo, hi = bounds[i], bounds[i + 1]
         if hi == lo:
             continue
-        swiglu(x.index_select(0, token_idx[lo:hi]), w13, w2, out=out[lo:hi])
-    out.mul_(weights.unsqueeze(1).to(out.dtype))
-    return out
+        y = swiglu(x.index_select(0, token_idx[lo:hi]), w13, w2)
+        y.mul_(weights[lo:hi].unsqueeze(1).to(y.dtype))
+        partial.index_add_(0, inverse[lo:hi], y)
+    return rows, partial

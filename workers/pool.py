@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import ray
@@ -28,6 +29,7 @@ class ExpertPool:
         self._weights = weights
         self._config = config
         self.handles: list[ray.actor.ActorHandle] = []
+        self._nodes: list[str] = []
 
     def __repr__(self) -> str:
         return f"ExpertPool(model={self.model_name!r}, workers={len(self.handles)})"
@@ -51,7 +53,9 @@ class ExpertPool:
                 max_concurrency=1,
             ).remote(index, self._weights, self._config.torch_threads, self._config.device)
             self.handles.append(handle)
-        return ray.get([h.ready.remote() for h in self.handles])
+        infos = ray.get([h.ready.remote() for h in self.handles])
+        self._nodes = [info["node_id"] for info in infos]
+        return infos
 
     def load(self, placement: Placement, progress: Callable[[int, int], None] | None = None) -> int:
         """Load every worker's replicas of `placement`, in chunks, workers in parallel.
@@ -63,7 +67,7 @@ class ExpertPool:
                 f"placement v{placement.version} has {placement.num_workers} workers, "
                 f"the pool has {len(self.handles)}"
             )
-        queues = {w: placement.experts_of(w) for w in range(placement.num_workers)}
+        queues = {w: [e for _, e in placement.experts_of(w)] for w in range(placement.num_workers)}
         total = sum(len(q) for q in queues.values())
         done = loaded = 0
         pending: dict[ray.ObjectRef, tuple[int, int]] = {}
@@ -86,6 +90,30 @@ class ExpertPool:
                 progress(done, total)
             submit(worker)
         return loaded
+
+    async def load_replicas(self, worker: int, experts: list[int], copy_from: dict[int, int]) -> int:
+        """Load `experts` into `worker`: copied from a live replica through the object store
+        where `copy_from` names a source worker, else read from the weight source."""
+        target = self.handles[worker]
+        calls = [
+            target.load_from.remote(e, self.handles[src].export.remote(e)) for e, src in copy_from.items()
+        ]
+        fresh = [e for e in experts if e not in copy_from]
+        if fresh:
+            calls.append(target.load.remote(fresh))
+        return sum(await asyncio.gather(*calls))
+
+    async def release_replicas(self, worker: int, experts: list[int]) -> None:
+        await self.handles[worker].unload.remote(experts)
+
+    def worker_nodes(self) -> list[str]:
+        """`[W]` the Ray node id each worker runs on (for node-aware placement)."""
+        return list(self._nodes)
+
+    async def stats_async(self) -> list[dict]:
+        """Each worker's `stats()` plus its node id, without blocking the event loop."""
+        stats = await asyncio.gather(*(h.stats.remote() for h in self.handles))
+        return [{**s, "node_id": self._nodes[i]} for i, s in enumerate(stats)]
 
     def stats(self) -> list[dict]:
         return ray.get([h.stats.remote() for h in self.handles])

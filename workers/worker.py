@@ -11,10 +11,11 @@ import time
 import warnings
 
 import numpy as np
+import ray
 import torch
 
 from cluster.model_spec import ModelSpec
-from workers.expert_math import fuse_w13, run_slots
+from workers.expert_math import fuse_w13, run_experts
 from workers.weights import WeightSource
 
 # Arrays that arrive through Ray's object store are read-only views; we only read them.
@@ -22,10 +23,11 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 
 class ExpertWorker:
-    """Hosts expert replicas in slots and runs them on the tokens the router sends.
+    """Hosts expert replicas and runs them on the tokens the router sends.
 
-    A slot holds `(w13 [2F, H], w2 [H, F])` of one logical expert (global id
-    `moe_index * num_experts + e`, see `cluster.placement`).
+    Replicas are keyed by global logical expert id (`moe_index * num_experts + e`, see
+    `cluster.placement`); each is `(w13 [2F, H], w2 [H, F])`. A worker holds at most one replica
+    of a logical expert; during a migration it briefly holds new replicas beside old ones.
     """
 
     def __init__(self, index: int, weights: WeightSource, torch_threads: int = 1, device: str = "auto"):
@@ -34,48 +36,69 @@ class ExpertWorker:
         self.spec: ModelSpec = weights.spec
         self._weights = weights
         self.device = torch.device(_pick_device(device))
-        self._slots: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        self._experts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._expert_tokens: dict[int, int] = {}
         self._tokens = 0
         self._busy_s = 0.0
         self._calls = 0
 
     def __repr__(self) -> str:
         return (
-            f"ExpertWorker(index={self.index}, slots={len(self._slots)}, device={self.device}, "
+            f"ExpertWorker(index={self.index}, replicas={len(self._experts)}, device={self.device}, "
             f"pid={os.getpid()})"
         )
 
     def ready(self) -> dict:
         """Cheap call the pool uses to wait for the actor to start."""
-        return {"index": self.index, "device": str(self.device), "pid": os.getpid()}
+        node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+        return {"index": self.index, "device": str(self.device), "pid": os.getpid(), "node_id": node_id}
 
-    def load(self, assignments: list[tuple[int, int]]) -> int:
-        """Load `[(slot, logical expert)]` from the weight source; returns bytes loaded."""
+    def load(self, experts: list[int]) -> int:
+        """Load replicas of logical experts `experts` from the weight source; returns bytes."""
         E = self.spec.num_experts
-        slots_of: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        for slot, logical in assignments:  # an expert may fill several slots: read it once
-            slots_of.setdefault((self.spec.moe_layers[logical // E], logical % E), []).append((slot, logical))
+        todo = sorted(set(int(g) for g in experts) - set(self._experts))
+        pairs = [(self.spec.moe_layers[g // E], g % E) for g in todo]
         loaded = 0
-        for pair, w in self._weights.experts(list(slots_of)):
-            w13 = fuse_w13(w.w1, w.w3).to(self.device)
-            w2 = w.w2.contiguous().to(self.device)
-            for slot, logical in slots_of[pair]:
-                self._slots[slot] = (logical, w13, w2)
-                loaded += (w13.numel() + w2.numel()) * w13.element_size()
+        for logical, (_, w) in zip(todo, self._weights.experts(pairs)):
+            self._install(logical, w.w1, w.w3, w.w2)
+            loaded += self._bytes(logical)
         return loaded
 
-    def unload(self, slots: list[int]) -> None:
-        for slot in slots:
-            self._slots.pop(slot, None)
+    def load_from(self, logical: int, tensors: dict[str, np.ndarray]) -> int:
+        """Install a replica from another worker's `export` (through the object store)."""
+        self._install(
+            int(logical), torch.from_numpy(tensors["w1"]), torch.from_numpy(tensors["w3"]),
+            torch.from_numpy(tensors["w2"]),
+        )
+        return self._bytes(int(logical))
 
-    def hosted(self) -> dict[int, int]:
-        """`{slot: logical expert}` currently loaded."""
-        return {slot: entry[0] for slot, entry in self._slots.items()}
+    def export(self, logical: int) -> dict[str, np.ndarray]:
+        """A hosted replica's weights as numpy arrays, for `load_from` on another worker."""
+        w13, w2 = self._experts[int(logical)]
+        w1, w3 = w13.chunk(2, dim=0)
+        return {"w1": w1.cpu().numpy(), "w3": w3.cpu().numpy(), "w2": w2.cpu().numpy()}
+
+    def _install(self, logical: int, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> None:
+        self._experts[logical] = (fuse_w13(w1, w3).to(self.device), w2.contiguous().to(self.device))
+        self._expert_tokens.setdefault(logical, 0)
+
+    def _bytes(self, logical: int) -> int:
+        w13, w2 = self._experts[logical]
+        return (w13.numel() + w2.numel()) * w13.element_size()
+
+    def unload(self, experts: list[int]) -> None:
+        for logical in experts:
+            self._experts.pop(int(logical), None)
+            self._expert_tokens.pop(int(logical), None)
+
+    def hosted(self) -> list[int]:
+        """Logical experts with a replica loaded here, sorted."""
+        return sorted(self._experts)
 
     def forward(
         self,
         x: np.ndarray,
-        slot_ids: np.ndarray,
+        expert_ids: np.ndarray,
         offsets: np.ndarray,
         token_idx: np.ndarray,
         weights: np.ndarray,
@@ -83,33 +106,37 @@ class ExpertWorker:
         """Run this worker's share of one batch.
 
         x: `[T, H]` float32, the whole batch (shared by all workers through the object store);
-        slot_ids: `[S]`; offsets: `[S + 1]`; token_idx: `[N]` rows of x, grouped by slot;
-        weights: `[N]` gate weights. Returns `[N, H]` float32: gate-weighted expert outputs.
+        expert_ids: `[S]` logical experts; offsets: `[S + 1]`; token_idx: `[N]` rows of x,
+        grouped by expert; weights: `[N]` gate weights. Returns `[U, H]` float32: for each
+        distinct token of token_idx (ascending), the sum of its gate-weighted expert outputs.
         """
         start = time.perf_counter()
-        missing = [int(s) for s in slot_ids if int(s) not in self._slots]
+        missing = [int(e) for e in expert_ids if int(e) not in self._experts]
         if missing:
-            raise KeyError(f"worker {self.index} has no replica loaded in slots {missing}")
-        experts = [self._slots[int(s)][1:] for s in slot_ids]
-        out = run_slots(
+            raise KeyError(f"worker {self.index} has no replica of logical experts {missing}")
+        _, partial = run_experts(
             torch.from_numpy(x).to(self.device),
-            experts,
+            [self._experts[int(e)] for e in expert_ids],
             torch.from_numpy(offsets),
             torch.from_numpy(token_idx).to(self.device),
             torch.from_numpy(weights).to(self.device),
         )
+        for e, n in zip(expert_ids.tolist(), np.diff(offsets).tolist()):
+            self._expert_tokens[e] += n
         self._calls += 1
         self._tokens += int(token_idx.shape[0])
         self._busy_s += time.perf_counter() - start
-        return out.cpu().numpy()
+        return partial.cpu().numpy()
 
     def stats(self) -> dict:
+        """Counters since start: calls, tokens, busy seconds, tokens per hosted replica."""
         return {
             "index": self.index,
-            "slots": len(self._slots),
+            "replicas": len(self._experts),
             "calls": self._calls,
             "tokens": self._tokens,
             "busy_s": self._busy_s,
+            "expert_tokens": dict(self._expert_tokens),
         }
 
 

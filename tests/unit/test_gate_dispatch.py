@@ -1,9 +1,11 @@
-"""The gate (against hand-computed values and transformers' Mixtral router), dispatch planning
-(every assignment exactly once, in the slot that hosts its expert, replicas share the load) and
-combine (against a direct per-token reference)."""
+"""The gate (against hand-computed values and transformers' Mixtral router), water filling
+(golden cases and brute-force optimality), dispatch planning (every assignment exactly once, to a
+worker that hosts its logical expert; a replicated expert's tokens go preferably to the replicas
+with spare capacity) and combine (against a direct per-token reference)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 from cluster.placement import EMPTY, Placement
-from router_service.dispatch import DispatchPlan, ReplicaTable, combine, plan_dispatch
+from router_service.dispatch import DispatchPlan, ReplicaTable, combine, plan_dispatch, water_fill
 from router_service.gate import Routing, mixtral_route
 
 # ---------------------------------------------------------------------------------------------
@@ -50,13 +52,15 @@ def assert_plan_invariants(
     for req in plan.requests:
         assert req.offsets[0] == 0 and req.offsets[-1] == req.num_tokens
         assert (np.diff(req.offsets) > 0).all(), "no empty segments"
-        assert list(req.slot_ids) == sorted(set(req.slot_ids.tolist()))
+        assert list(req.expert_ids) == sorted(set(req.expert_ids.tolist()))
+        assert req.expert_ids.dtype == np.int64 and req.offsets.dtype == np.int64
         assert req.token_idx.dtype == np.int64 and req.weights.dtype == np.float32
-        for i, slot in enumerate(req.slot_ids):
-            expert = placement.slots[req.worker][slot]
-            assert expert != EMPTY
+        for i, expert in enumerate(req.expert_ids):
+            assert req.worker in [w for w, _ in placement.replicas[expert]], (
+                f"worker {req.worker} hosts no replica of logical expert {expert}"
+            )
             local = expert - moe_index * num_experts
-            assert 0 <= local < num_experts, "slot hosts an expert of another layer"
+            assert 0 <= local < num_experts, "expert of another layer"
             lo, hi = req.offsets[i], req.offsets[i + 1]
             for t, w in zip(req.token_idx[lo:hi], req.weights[lo:hi]):
                 (js,) = np.nonzero(ids[t] == local)
@@ -65,6 +69,23 @@ def assert_plan_invariants(
                 seen[(int(t), int(js[0]))] += 1
     assert seen == Counter({(t, j): 1 for t in range(tokens) for j in range(k)})
     np.testing.assert_array_equal(plan.expert_tokens, np.bincount(ids.ravel(), minlength=num_experts))
+    # worker_tokens: `[W]` rows sent to each worker, zero for workers that get no request
+    sent = np.zeros(placement.num_workers, dtype=np.int64)
+    for req in plan.requests:
+        sent[req.worker] = req.num_tokens
+    assert plan.worker_tokens.shape == (placement.num_workers,)
+    np.testing.assert_array_equal(plan.worker_tokens, sent)
+    assert int(plan.worker_tokens.sum()) == tokens * k
+
+
+def expert_shares(plan: DispatchPlan, expert: int) -> dict[int, list[int]]:
+    """`{worker: token rows}` of one logical expert, in worker order (workers with none left out)."""
+    shares = {}
+    for req in plan.requests:
+        for i, e in enumerate(req.expert_ids):
+            if e == expert:
+                shares[req.worker] = req.token_idx[req.offsets[i]:req.offsets[i + 1]].tolist()
+    return shares
 
 
 def expert_matrices(num_logical: int, hidden: int, seed: int) -> np.ndarray:
@@ -72,17 +93,18 @@ def expert_matrices(num_logical: int, hidden: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((num_logical, hidden, hidden)).astype(np.float32)
 
 
-def fake_workers(
-    x: np.ndarray, plan: DispatchPlan, placement: Placement, mats: np.ndarray
-) -> list[np.ndarray]:
-    """What the workers would return: gate-weighted fake expert outputs, `[N, H]` per request."""
+def fake_workers(x: np.ndarray, plan: DispatchPlan, mats: np.ndarray) -> list[np.ndarray]:
+    """What the workers would return: per distinct token (`req.rows`), the sum of its
+    gate-weighted fake expert outputs, `[U, H]` per request."""
     outputs = []
     for req in plan.requests:
-        y = np.empty((req.num_tokens, x.shape[1]), dtype=np.float32)
-        for i, slot in enumerate(req.slot_ids):
-            lo, hi = req.offsets[i], req.offsets[i + 1]
-            expert = placement.slots[req.worker][slot]
-            y[lo:hi] = (x[req.token_idx[lo:hi]] @ mats[expert]) * req.weights[lo:hi, None]
+        assert list(req.rows) == sorted(set(req.token_idx.tolist()))
+        y = np.zeros((len(req.rows), x.shape[1]), dtype=np.float32)
+        position = {int(t): i for i, t in enumerate(req.rows)}
+        for i, expert in enumerate(req.expert_ids):
+            for j in range(req.offsets[i], req.offsets[i + 1]):
+                t = int(req.token_idx[j])
+                y[position[t]] += (x[t] @ mats[expert]) * req.weights[j]
         outputs.append(y)
     return outputs
 
@@ -159,20 +181,90 @@ def test_gate_weights_sum_to_one_and_pick_the_largest_logits() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# water_fill
+# ---------------------------------------------------------------------------------------------
+
+
+def compositions(n: int, m: int):
+    """Every way to split n tokens over m workers (stars and bars)."""
+    for cuts in itertools.combinations(range(n + m - 1), m - 1):
+        bounds = (-1, *cuts, n + m - 1)
+        yield [bounds[i + 1] - bounds[i] - 1 for i in range(m)]
+
+
+def best_peak(loads: list[float], n: int) -> float:
+    """The lowest possible max final load, by trying every split."""
+    return min(max(load + s for load, s in zip(loads, split)) for split in compositions(n, len(loads)))
+
+
+@pytest.mark.parametrize(
+    ("loads", "n", "shares"),
+    [
+        pytest.param([1000, 0], 200, [0, 200], id="busy-worker-gets-nothing"),
+        pytest.param([10, 0, 5], 12, [0, 9, 3], id="fill-up-to-below-the-fullest"),  # final 10, 9, 8
+        pytest.param([4, 0], 10, [3, 7], id="level-above-every-load"),  # final 7, 7
+        pytest.param([2, 9, 0, 9], 6, [2, 0, 4, 0], id="two-of-four-filled"),  # final 4, 9, 4, 9
+        pytest.param([0, 0, 0], 7, [3, 2, 2], id="equal-loads"),
+        pytest.param([5, 5], 3, [2, 1], id="equal-busy-loads"),
+        pytest.param([2.5, 0.0], 3, [0, 3], id="fractional-loads"),  # final 2.5, 3 (1 + 2: 3.5)
+        pytest.param([3, 1, 2], 0, [0, 0, 0], id="zero-tokens"),
+        pytest.param([0, 0], 0, [0, 0], id="zero-tokens-idle-workers"),
+        pytest.param([7], 5, [5], id="one-worker"),
+    ],
+)  # fmt: skip
+def test_water_fill_golden(loads: list[float], n: int, shares: list[int]) -> None:
+    got = water_fill(np.array(loads), n)
+
+    assert got.dtype == np.int64
+    assert got.tolist() == shares
+
+
+@pytest.mark.parametrize("integer_loads", [True, False], ids=["integer-loads", "float-loads"])
+def test_water_fill_sums_to_n_and_its_peak_is_minimal(integer_loads: bool) -> None:
+    rng = np.random.default_rng(int(integer_loads))
+    for _ in range(300):
+        m, n = int(rng.integers(1, 5)), int(rng.integers(0, 10))
+        loads = rng.integers(0, 8, m) if integer_loads else np.round(rng.random(m) * 8, 1)
+
+        shares = water_fill(loads, n)
+
+        assert (shares >= 0).all() and int(shares.sum()) == n, (loads, n, shares)
+        assert (loads + shares).max() == pytest.approx(best_peak(loads.tolist(), n)), (loads, n, shares)
+
+
+@pytest.mark.parametrize("integer_loads", [True, False], ids=["integer-loads", "float-loads"])
+def test_water_fill_no_token_is_worth_moving_on_large_cases(integer_loads: bool) -> None:
+    # Too large for brute force: check that moving any one token from a worker that got some to
+    # another worker cannot lower the fuller of the two, which makes the peak minimal.
+    rng = np.random.default_rng(10 + int(integer_loads))
+    for _ in range(500):
+        m, n = int(rng.integers(1, 9)), int(rng.integers(0, 5000))
+        loads = rng.integers(0, 1000, m) if integer_loads else rng.random(m) * 1000
+
+        shares = water_fill(loads, n)
+
+        assert (shares >= 0).all() and int(shares.sum()) == n, (loads, n, shares)
+        final = loads + shares
+        for i in np.flatnonzero(shares > 0):
+            assert (final[i] <= final + 1 + 1e-9).all(), (loads, n, shares)
+
+
+# ---------------------------------------------------------------------------------------------
 # ReplicaTable and plan_dispatch
 # ---------------------------------------------------------------------------------------------
 
 
 def test_replica_table_pads_with_empty() -> None:
-    p = Placement.from_mapping(4, 3, {0: [0, 1], 1: [2, 1, EMPTY]})
+    # expert 1 sits in slot 1 of worker 0 and slot 2 of worker 1: slot positions do not matter
+    p = Placement.from_mapping(4, 3, {0: [0, 1], 1: [2, EMPTY, 1], 2: [EMPTY]})
 
     table = ReplicaTable(p)
 
     assert table.version == 4
-    assert table.num_slots == 3
+    assert table.num_workers == 3
     np.testing.assert_array_equal(table.worker, [[0, EMPTY], [0, 1], [1, EMPTY]])
-    np.testing.assert_array_equal(table.slot, [[0, EMPTY], [1, 1], [0, EMPTY]])
     np.testing.assert_array_equal(table.count, [1, 2, 1])
+    np.testing.assert_array_equal(table.replicated, [1])
 
 
 def test_plan_dispatch_golden_second_layer() -> None:
@@ -185,63 +277,173 @@ def test_plan_dispatch_golden_second_layer() -> None:
 
     w0, w1 = plan.requests
     assert w0.worker == 0
-    np.testing.assert_array_equal(w0.slot_ids, [2, 3])  # experts 4 and 6
+    np.testing.assert_array_equal(w0.expert_ids, [4, 6])
     np.testing.assert_array_equal(w0.offsets, [0, 2, 3])
     np.testing.assert_array_equal(w0.token_idx, [0, 1, 1])
     np.testing.assert_array_equal(w0.weights, np.array([0.75, 0.5, 0.5], dtype=np.float32))
     assert w1.worker == 1
-    np.testing.assert_array_equal(w1.slot_ids, [2])  # expert 5
+    np.testing.assert_array_equal(w1.expert_ids, [5])
     np.testing.assert_array_equal(w1.offsets, [0, 1])
     np.testing.assert_array_equal(w1.token_idx, [0])
     np.testing.assert_array_equal(w1.weights, np.array([0.25], dtype=np.float32))
     np.testing.assert_array_equal(plan.expert_tokens, [2, 1, 1, 0])
+    np.testing.assert_array_equal(plan.worker_tokens, [3, 1])
 
 
-def test_plan_dispatch_invariants_on_random_batches() -> None:
+def test_worker_tokens_count_idle_workers_as_zero() -> None:
+    placement = Placement.round_robin(4, 4)  # expert e on worker e
+
+    plan = plan_dispatch(fixed_routing([[0, 2]] * 3), 0, 4, ReplicaTable(placement))
+
+    assert [r.worker for r in plan.requests] == [0, 2]
+    np.testing.assert_array_equal(plan.worker_tokens, [3, 0, 3, 0])
+
+
+@pytest.mark.parametrize("queued", [False, True], ids=["no-queue", "random-queues"])
+def test_plan_dispatch_invariants_on_random_batches(queued: bool) -> None:
     placement = Placement.from_mapping(3, 16, {
         0: [0, 3, 6, 9, 12, 15, 1], 1: [1, 4, 7, 10, 13, EMPTY, 12], 2: [2, 5, 8, 11, 14, 1, EMPTY],
     })  # fmt: skip  (experts 1 and 12 replicated)
     table = ReplicaTable(placement)
+    rng = np.random.default_rng(0)
     for seed in range(10):
         routing = random_routing(tokens=50 + seed, experts=8, top_k=2, seed=seed)
         for moe_index in (0, 1):
-            plan = plan_dispatch(routing, moe_index, 8, table)
+            outstanding = rng.integers(0, 100, 3) if queued else None
+            plan = plan_dispatch(routing, moe_index, 8, table, outstanding)
             assert_plan_invariants(plan, routing, moe_index, 8, placement)
 
 
 def test_replicated_expert_gets_near_equal_contiguous_shares() -> None:
-    # expert 2 lives in worker 0 slot 1 and worker 1 slot 1
+    # expert 2 lives on workers 0 and 1, which have nothing else to do
     placement = Placement.from_mapping(0, 4, {0: [0, 2, 1], 1: [3, 2]})
     routing = fixed_routing([[2]] * 7)
 
     plan = plan_dispatch(routing, 0, 4, ReplicaTable(placement))
 
     w0, w1 = plan.requests
-    assert (w0.worker, w0.slot_ids.tolist(), w0.token_idx.tolist()) == (0, [1], [0, 1, 2, 3])
-    assert (w1.worker, w1.slot_ids.tolist(), w1.token_idx.tolist()) == (1, [1], [4, 5, 6])
+    assert (w0.worker, w0.expert_ids.tolist(), w0.token_idx.tolist()) == (0, [2], [0, 1, 2, 3])
+    assert (w1.worker, w1.expert_ids.tolist(), w1.token_idx.tolist()) == (1, [2], [4, 5, 6])
+    np.testing.assert_array_equal(plan.worker_tokens, [4, 3])
 
 
+@pytest.mark.parametrize("queue", [None, 40], ids=["no-queue", "equal-queues"])
 @pytest.mark.parametrize("replicas", [2, 3, 4])
 @pytest.mark.parametrize("hot_tokens", [1, 5, 10, 31])
-def test_replica_shares_differ_by_at_most_one(replicas: int, hot_tokens: int) -> None:
-    # expert 0 replicated over `replicas` workers; expert 1 on worker 0 only
-    placement = Placement.from_mapping(0, 2, [[0, 1]] + [[0]] * (replicas - 1))
-    # the hot expert's tokens are interleaved with expert 1's tokens
-    hot = list(range(0, 2 * hot_tokens, 2))
-    ids = [[0] if t in hot else [1] for t in range(2 * hot_tokens)]
+def test_replica_shares_on_equally_loaded_workers_differ_by_at_most_one(
+    replicas: int, hot_tokens: int, queue: int | None
+) -> None:
+    # expert 0 has a replica on every worker; expert 1 + w lives on worker w alone and gets 2
+    # tokens, so every replica's worker starts out equally loaded
+    placement = Placement.from_mapping(0, 1 + replicas, [[0, 1 + w] for w in range(replicas)])
+    cold = [1 + w for w in range(replicas)] * 2
+    ids: list[list[int]] = []
+    for i in range(max(hot_tokens, len(cold))):  # the hot expert's tokens interleaved with the rest
+        ids += [[0]] if i < hot_tokens else []
+        ids += [[cold[i]]] if i < len(cold) else []
+    hot = [t for t, row in enumerate(ids) if row == [0]]
+    outstanding = None if queue is None else np.full(replicas, queue)
 
-    plan = plan_dispatch(fixed_routing(ids), 0, 2, ReplicaTable(placement))
+    plan = plan_dispatch(fixed_routing(ids), 0, 1 + replicas, ReplicaTable(placement), outstanding)
 
-    shares = []
-    for req in plan.requests:
-        for i, slot in enumerate(req.slot_ids):
-            if placement.slots[req.worker][slot] == 0:
-                shares.append(req.token_idx[req.offsets[i]:req.offsets[i + 1]].tolist())
+    assert_plan_invariants(plan, fixed_routing(ids), 0, 1 + replicas, placement)
+    shares = list(expert_shares(plan, 0).values())
     sizes = [len(s) for s in shares]
     assert sum(sizes) == hot_tokens
     assert max(sizes) - min(sizes) <= 1 if len(sizes) == replicas else max(sizes) == 1
     # contiguous: concatenated in replica order they are the hot tokens in order
     assert [t for share in shares for t in share] == hot
+
+
+@pytest.mark.parametrize(
+    ("outstanding", "shares"),
+    [
+        pytest.param(None, {0: range(0, 5), 1: range(5, 10)}, id="no-queue-halves"),
+        pytest.param([3, 3], {0: range(0, 5), 1: range(5, 10)}, id="equal-queues-halves"),
+        pytest.param([4, 0], {0: range(0, 3), 1: range(3, 10)}, id="shorter-queue-gets-more"),  # level 7
+        pytest.param([0, 12], {0: range(0, 10)}, id="queue-above-the-level"),  # level 10 < 12
+        pytest.param([1000, 0], {1: range(0, 10)}, id="busy-worker-gets-none"),
+    ],
+)  # fmt: skip
+def test_replicated_expert_split_follows_the_queues(
+    outstanding: list[int] | None, shares: dict[int, range]
+) -> None:
+    # expert 1 has replicas on workers 0 and 1; all 10 tokens go to it
+    placement = Placement.from_mapping(0, 3, {0: [0, 1], 1: [1, 2]})
+    routing = fixed_routing([[1]] * 10)
+    queue = None if outstanding is None else np.array(outstanding)
+
+    plan = plan_dispatch(routing, 0, 3, ReplicaTable(placement), outstanding=queue)
+
+    assert_plan_invariants(plan, routing, 0, 3, placement)
+    assert expert_shares(plan, 1) == {w: list(r) for w, r in shares.items()}
+
+
+@pytest.mark.parametrize(
+    ("outstanding", "w0_share", "level"),
+    [
+        pytest.param(None, [6, 7], 8, id="single-replica-tokens-only"),  # loads 6, 0
+        pytest.param([0, 2], [6, 7, 8], 9, id="plus-queues"),  # loads 6, 2
+    ],
+)  # fmt: skip
+def test_single_replica_experts_count_toward_the_water_level(
+    outstanding: list[int] | None, w0_share: list[int], level: int
+) -> None:
+    # expert 0 lives on worker 0 alone and gets tokens 0..5; expert 1 on both gets tokens 6..15
+    placement = Placement.from_mapping(0, 2, {0: [0, 1], 1: [1]})
+    routing = fixed_routing([[0]] * 6 + [[1]] * 10)
+    queue = None if outstanding is None else np.array(outstanding)
+
+    plan = plan_dispatch(routing, 0, 2, ReplicaTable(placement), outstanding=queue)
+
+    assert expert_shares(plan, 1) == {0: w0_share, 1: list(range(6 + len(w0_share), 16))}
+    final = plan.worker_tokens + (0 if queue is None else queue)
+    assert final.tolist() == [level, level]
+
+
+def test_replicated_experts_are_split_largest_first() -> None:
+    # experts 0 (3 tokens) and 1 (10 tokens) both have replicas on workers 0 and 1; worker 1 has
+    # 2 tokens queued. Expert 1 goes first: level (2 + 10) / 2 = 6, shares 6 and 4, loads 6 and
+    # 6; then expert 0: 2 and 1. (Expert 0 first would give 3 and 0, then 5 and 5.)
+    placement = Placement.from_mapping(0, 2, {0: [0, 1], 1: [1, 0]})
+    routing = fixed_routing([[0]] * 3 + [[1]] * 10)
+
+    plan = plan_dispatch(routing, 0, 2, ReplicaTable(placement), outstanding=np.array([0, 2]))
+
+    assert expert_shares(plan, 1) == {0: list(range(3, 9)), 1: list(range(9, 13))}
+    assert expert_shares(plan, 0) == {0: [0, 1], 1: [2]}
+    np.testing.assert_array_equal(plan.worker_tokens, [8, 5])
+
+
+def test_a_longer_queue_never_gets_more_of_a_replicated_expert() -> None:
+    # expert 1 has a replica on each of three workers
+    placement = Placement.from_mapping(0, 4, {0: [0, 1], 1: [1, 2], 2: [1, 3]})
+    routing = random_routing(40, 4, 2, seed=7)
+    table = ReplicaTable(placement)
+    shares = []
+    for queued in range(0, 90, 3):
+        plan = plan_dispatch(routing, 0, 4, table, outstanding=np.array([queued, 5, 0]))
+        assert_plan_invariants(plan, routing, 0, 4, placement)
+        shares.append(len(expert_shares(plan, 1).get(0, [])))
+
+    assert shares[0] > 0
+    assert all(a >= b for a, b in zip(shares, shares[1:])), shares
+    assert shares[-1] == 0, "a long enough queue takes worker 0 out of the split"
+
+
+def test_queues_do_not_move_experts_with_one_replica() -> None:
+    placement = Placement.round_robin(8, 4)
+    routing = random_routing(30, 8, 2, seed=5)
+    table = ReplicaTable(placement)
+
+    plain = plan_dispatch(routing, 0, 8, table)
+    queued = plan_dispatch(routing, 0, 8, table, outstanding=np.array([500, 0, 0, 7]))
+
+    np.testing.assert_array_equal(queued.worker_tokens, plain.worker_tokens)
+    for a, b in zip(plain.requests, queued.requests, strict=True):
+        assert a.worker == b.worker
+        for field in ("expert_ids", "offsets", "token_idx", "weights"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,35 +452,41 @@ def test_replica_shares_differ_by_at_most_one(replicas: int, hot_tokens: int) ->
 
 
 @pytest.mark.parametrize(
-    ("placement", "routing", "moe_index", "num_experts"),
+    ("placement", "routing", "moe_index", "num_experts", "outstanding"),
     [
-        pytest.param(Placement.round_robin(4, 2), random_routing(1, 4, 2, seed=0), 0, 4,
+        pytest.param(Placement.round_robin(4, 2), random_routing(1, 4, 2, seed=0), 0, 4, None,
                      id="single-token"),
-        pytest.param(Placement.round_robin(3, 2), random_routing(9, 3, 3, seed=1), 0, 3,
+        pytest.param(Placement.round_robin(3, 2), random_routing(9, 3, 3, seed=1), 0, 3, None,
                      id="top-k-equals-experts"),
-        pytest.param(Placement.round_robin(4, 2), fixed_routing([[2]] * 6), 0, 4,
+        pytest.param(Placement.round_robin(4, 2), fixed_routing([[2]] * 6), 0, 4, None,
                      id="all-tokens-one-expert"),
         pytest.param(Placement.from_mapping(0, 4, {0: [0, 2], 1: [1, 2], 2: [3, 2]}),
-                     fixed_routing([[2, 0]] * 8, [[0.6, 0.4]] * 8), 0, 4,
+                     fixed_routing([[2, 0]] * 8, [[0.6, 0.4]] * 8), 0, 4, None,
                      id="all-tokens-one-replicated-expert"),
-        pytest.param(Placement.round_robin(8, 1), random_routing(20, 8, 2, seed=2), 0, 8,
+        pytest.param(Placement.round_robin(8, 1), random_routing(20, 8, 2, seed=2), 0, 8, None,
                      id="one-worker"),
         pytest.param(Placement.round_robin(8, 3, slots_per_worker=5), random_routing(33, 4, 2, seed=3),
-                     1, 4, id="second-layer-spare-slots"),
-        pytest.param(Placement.round_robin(8, 8), random_routing(3, 8, 2, seed=4), 0, 8,
+                     1, 4, None, id="second-layer-spare-slots"),
+        pytest.param(Placement.round_robin(8, 8), random_routing(3, 8, 2, seed=4), 0, 8, None,
                      id="fewer-tokens-than-workers"),
+        pytest.param(Placement.from_mapping(0, 4, {0: [0, 2], 1: [1, 2], 2: [3, 2]}),
+                     random_routing(40, 4, 2, seed=5), 0, 4, np.array([30, 0, 3]),
+                     id="replicated-expert-unequal-queues"),
+        pytest.param(Placement.from_mapping(0, 8, {0: [0, 2, 4, 6, 1], 1: [1, 3, 5, 7, 4], 2: [4, 1]}),
+                     random_routing(25, 4, 2, seed=6), 1, 4, np.array([1000, 0, 0]),
+                     id="second-layer-busy-worker-sheds-replicated-experts"),
     ],
 )  # fmt: skip
 def test_dispatch_and_combine_equal_reference(
-    placement: Placement, routing: Routing, moe_index: int, num_experts: int
+    placement: Placement, routing: Routing, moe_index: int, num_experts: int, outstanding: np.ndarray | None
 ) -> None:
     tokens, hidden = routing.topk_ids.shape[0], 6
     x = np.random.default_rng(tokens).standard_normal((tokens, hidden)).astype(np.float32)
     mats = expert_matrices(placement.num_logical_experts, hidden, seed=moe_index)
 
-    plan = plan_dispatch(routing, moe_index, num_experts, ReplicaTable(placement))
+    plan = plan_dispatch(routing, moe_index, num_experts, ReplicaTable(placement), outstanding)
     assert_plan_invariants(plan, routing, moe_index, num_experts, placement)
-    out = combine(tokens, hidden, plan, fake_workers(x, plan, placement, mats))
+    out = combine(tokens, hidden, plan, fake_workers(x, plan, mats))
 
     assert out.shape == (tokens, hidden) and out.dtype == torch.float32
     np.testing.assert_allclose(out.numpy(), reference_moe(x, routing, moe_index, num_experts, mats),
@@ -289,8 +497,8 @@ def test_combine_sums_rows_of_the_same_token() -> None:
     placement = Placement.round_robin(2, 2)
     routing = fixed_routing([[0, 1], [1, 0]], [[0.5, 0.5], [0.5, 0.5]])
     plan = plan_dispatch(routing, 0, 2, ReplicaTable(placement))
-    # every worker returns ones for each of its rows: each token gets one row from each worker
-    outputs = [np.ones((r.num_tokens, 3), dtype=np.float32) for r in plan.requests]
+    # every worker returns ones for each of its tokens: each token gets one row from each worker
+    outputs = [np.ones((len(r.rows), 3), dtype=np.float32) for r in plan.requests]
 
     out = combine(2, 3, plan, outputs)
 

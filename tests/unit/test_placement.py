@@ -1,5 +1,6 @@
-"""Placement: the round-robin layout, the invariants every placement keeps, its own input checks,
-serialisation, and worker load / balancedness with replicated experts."""
+"""Placement: the round-robin layout, the invariants every placement keeps (a worker holds at most
+one replica of a logical expert), its own input checks, serialisation, and worker load /
+balancedness with replicated experts."""
 
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ def assert_placement_invariants(p: Placement) -> None:
     assert int(p.replica_counts.sum()) == len(hosted)
     # every logical expert has a replica
     assert (p.replica_counts >= 1).all()
+    # no worker holds a logical expert twice: a replica's workers are distinct
+    for w, row in enumerate(p.slots):
+        held = [e for e in row if e != EMPTY]
+        assert len(held) == len(set(held)), (w, row)
     # replicas[e] lists exactly the (worker, slot) pairs that hold e, in slot order
     assert len(p.replicas) == p.num_logical_experts
     for e, reps in enumerate(p.replicas):
@@ -46,11 +51,17 @@ def assert_placement_invariants(p: Placement) -> None:
 
 
 def random_replicated(rng: np.random.Generator, experts: int, workers: int, extra: int) -> Placement:
-    """Round robin, then `extra` more slots per worker filled with random replicas (or EMPTY)."""
+    """Round robin, then `extra` more slots per worker, each left EMPTY or given a replica of a
+    random logical expert that worker does not hold yet (so replicas sit on distinct workers)."""
     base = Placement.round_robin(experts, workers)
-    rows = [
-        list(row) + [int(rng.integers(-1, experts)) for _ in range(extra)] for row in base.slots
-    ]
+    rows = []
+    for row in base.slots:
+        row = list(row)
+        for _ in range(extra):
+            free = sorted(set(range(experts)) - set(row))
+            pick = int(rng.integers(-1, len(free)))  # -1: the slot stays EMPTY
+            row.append(EMPTY if pick < 0 else free[pick])
+        rows.append(row)
     return Placement.from_mapping(1, experts, rows)
 
 
@@ -128,6 +139,8 @@ def test_round_robin_invariants(experts: int, workers: int, slots_per_worker: in
 def test_replicated_placements_keep_invariants(seed: int, experts: int, workers: int, extra: int) -> None:
     p = random_replicated(np.random.default_rng(seed), experts, workers, extra)
     assert_placement_invariants(p)
+    assert (p.replica_counts > 1).any(), "the generator should replicate some expert"
+    assert p.replica_counts.max() <= workers
 
     load = np.random.default_rng(seed + 100).integers(0, 50, experts).astype(np.float64)
     # splitting an expert's load over its replicas conserves the total
@@ -154,6 +167,11 @@ def test_replicated_placements_keep_invariants(seed: int, experts: int, workers:
         pytest.param(-1, 2, ((0, 1),), r"placement version must be >= 0, got -1", id="negative-version"),
         pytest.param(0, 2, (), r"a placement needs at least one worker, got none", id="no-workers"),
         pytest.param(0, 0, ((EMPTY,),), r"num_logical_experts must be >= 1, got 0", id="no-experts"),
+        pytest.param(0, 3, ((0, 1), (2, EMPTY, 2)),
+                     r"worker 1 holds logical experts \[2\] more than once; a second replica on the "
+                     r"same worker adds no capacity", id="same-expert-twice-on-a-worker"),
+        pytest.param(0, 4, ((3, 0, 1, 0, 1), (2,)), r"worker 0 holds logical experts \[0, 1\] more than once",
+                     id="several-experts-twice-on-a-worker"),
     ],
 )  # fmt: skip
 def test_invalid_placements_are_refused(
@@ -161,6 +179,18 @@ def test_invalid_placements_are_refused(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         Placement(version, num_logical_experts, slots)
+
+
+def test_from_mapping_refuses_a_worker_holding_an_expert_twice() -> None:
+    with pytest.raises(ValueError, match=r"worker 1 holds logical experts \[0\] more than once"):
+        Placement.from_mapping(2, 3, {0: [0, 1], 1: [2, 0, EMPTY, 0]})
+
+
+def test_replicas_on_distinct_workers_and_repeated_empty_slots_are_fine() -> None:
+    p = Placement.from_mapping(0, 3, {0: [0, 1, EMPTY, EMPTY], 1: [2, 0, EMPTY], 2: [0, EMPTY]})
+
+    assert p.replicas[0] == ((0, 0), (1, 1), (2, 0))
+    np.testing.assert_array_equal(p.replica_counts, [3, 1, 1])
 
 
 def test_many_missing_experts_are_listed_shortly() -> None:

@@ -1,5 +1,5 @@
-"""Expert math (fused SwiGLU, per-slot runs) against the unfused Mixtral formula, and the expert
-shard worker used as a plain object: load, forward, unload, stats."""
+"""Expert math (fused SwiGLU, per-expert runs) against the unfused Mixtral formula, and the expert
+shard worker used as a plain object: load, forward, unload, export/load_from, stats."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from cluster.model_spec import ModelSpec
-from workers.expert_math import fuse_w13, run_slots, swiglu
+from workers.expert_math import fuse_w13, run_experts, swiglu
 from workers.weights import ExpertWeights, RandomModel
 from workers.worker import ExpertWorker
 
@@ -83,7 +83,7 @@ def test_swiglu_writes_into_out() -> None:
     torch.testing.assert_close(out.double(), unfused(x, w), rtol=1e-5, atol=1e-6)
 
 
-def test_run_slots_equals_per_segment_computation() -> None:
+def test_run_experts_equals_per_segment_computation() -> None:
     experts = [random_expert(s) for s in range(3)]
     x = torch.randn(6, 8, generator=torch.Generator().manual_seed(5))
     # segment 0: tokens 0, 2, 5; segment 1: empty; segment 2: tokens 2, 3 (token 2 twice overall)
@@ -92,13 +92,17 @@ def test_run_slots_equals_per_segment_computation() -> None:
     weights = torch.tensor([0.5, 0.25, 1.0, 0.75, 0.1])
     fused = [(fuse_w13(e.w1, e.w3), e.w2) for e in experts]
 
-    out = run_slots(x, fused, offsets, token_idx, weights)
+    rows, out = run_experts(x, fused, offsets, token_idx, weights)
 
-    expected = torch.stack([
+    per_assignment = torch.stack([
         weights[j].double() * unfused(x[token_idx[j]][None], experts[seg])[0]
         for j, seg in enumerate([0, 0, 0, 2, 2])
     ])  # fmt: skip
-    assert out.shape == (5, 8)
+    # distinct tokens 0, 2, 3, 5; token 2 sums assignments 1 (expert 0) and 3 (expert 2)
+    expected = torch.stack([per_assignment[0], per_assignment[1] + per_assignment[3],
+                            per_assignment[4], per_assignment[2]])
+    assert rows.tolist() == [0, 2, 3, 5]
+    assert out.shape == (4, 8)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -107,100 +111,136 @@ def test_run_slots_equals_per_segment_computation() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def reference_forward(model: RandomModel, hosted: dict[int, int], x: np.ndarray, slot_ids, offsets,
-                      token_idx, weights) -> np.ndarray:
-    """Per-row loop over the weight source's own expert weights."""
+def reference_forward(model: RandomModel, x: np.ndarray, expert_ids, offsets, token_idx,
+                      weights) -> np.ndarray:
+    """Per-row loop over the weight source's own expert weights; expert_ids are logical ids.
+    One summed row per distinct token of token_idx, ascending (what a worker returns)."""
     E = model.spec.num_experts
-    out = np.zeros((len(token_idx), x.shape[1]))
-    for i, slot in enumerate(slot_ids):
-        g = hosted[slot]
+    rows = sorted(set(np.asarray(token_idx).tolist()))
+    out = np.zeros((len(rows), x.shape[1]))
+    for i, g in enumerate(expert_ids):
         w = model.expert(model.spec.moe_layers[g // E], g % E)
         for j in range(offsets[i], offsets[i + 1]):
             row = unfused(torch.from_numpy(x[token_idx[j]])[None], w)[0].numpy()
-            out[j] = weights[j] * row
+            out[rows.index(int(token_idx[j]))] += weights[j] * row
     return out
 
 
 def test_load_then_forward_equals_direct_computation(worker: ExpertWorker) -> None:
     model = RandomModel(SPEC, seed=11)
-    # slot 0: layer 0 expert 1; slot 2: logical 6 = layer 1 expert 2; slot 1: layer 1 expert 3
-    loaded = worker.load([(0, 1), (2, 6), (1, 7)])
+    # layer 0 expert 1; logical 6 = layer 1 expert 2; logical 7 = layer 1 expert 3
+    loaded = worker.load([6, 1, 7])
 
     assert loaded == 3 * SPEC.expert_bytes()
-    assert worker.hosted() == {0: 1, 2: 6, 1: 7}
+    assert worker.hosted() == [1, 6, 7]
     x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
-    slot_ids = np.array([0, 2])
+    expert_ids = np.array([1, 6])
     offsets = np.array([0, 3, 5])
     token_idx = np.array([0, 1, 4, 1, 3])
     weights = np.array([0.9, 0.5, 0.2, 0.5, 0.7], dtype=np.float32)
 
-    out = worker.forward(x, slot_ids, offsets, token_idx, weights)
+    out = worker.forward(x, expert_ids, offsets, token_idx, weights)
 
-    assert out.shape == (5, 8) and out.dtype == np.float32
-    expected = reference_forward(model, {0: 1, 2: 6}, x, slot_ids, offsets, token_idx, weights)
+    assert out.shape == (4, 8) and out.dtype == np.float32  # tokens 0, 1, 3, 4
+    expected = reference_forward(model, x, expert_ids, offsets, token_idx, weights)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_forward_on_an_unloaded_slot_names_it(worker: ExpertWorker) -> None:
-    worker.load([(0, 1)])
+def test_forward_on_an_unhosted_expert_names_it(worker: ExpertWorker) -> None:
+    worker.load([1])
     x = np.ones((2, 8), dtype=np.float32)
 
-    with pytest.raises(KeyError, match=r"worker 3 has no replica loaded in slots \[1, 4\]"):
+    with pytest.raises(KeyError, match=r"worker 3 has no replica of logical experts \[0, 4\]"):
         worker.forward(x, np.array([0, 1, 4]), np.array([0, 1, 2, 3]), np.array([0, 1, 0]),
                        np.ones(3, dtype=np.float32))
-    assert worker.stats()["calls"] == 0, "a refused call does not count"
+    stats = worker.stats()
+    assert (stats["calls"], stats["tokens"]) == (0, 0), "a refused call does not count"
+    assert stats["expert_tokens"] == {1: 0}
 
 
 def test_unload(worker: ExpertWorker) -> None:
-    worker.load([(0, 1), (1, 2)])
+    worker.load([1, 2])
 
-    worker.unload([0, 5])  # slot 5 was never loaded: ignored
+    worker.unload([1, 5])  # logical 5 was never loaded: ignored
 
-    assert worker.hosted() == {1: 2}
-    with pytest.raises(KeyError, match=r"slots \[0\]"):
-        worker.forward(np.ones((1, 8), dtype=np.float32), np.array([0]), np.array([0, 1]),
+    assert worker.hosted() == [2]
+    assert worker.stats()["expert_tokens"] == {2: 0}
+    with pytest.raises(KeyError, match=r"logical experts \[1\]"):
+        worker.forward(np.ones((1, 8), dtype=np.float32), np.array([1]), np.array([0, 1]),
                        np.array([0]), np.ones(1, dtype=np.float32))
+    # an unloaded expert loads again from the weight source
+    assert worker.load([1]) == SPEC.expert_bytes()
+    assert worker.hosted() == [1, 2]
 
 
-def test_load_replaces_a_slot(worker: ExpertWorker) -> None:
+def test_load_skips_already_hosted_experts(worker: ExpertWorker) -> None:
+    assert worker.load([1, 5]) == 2 * SPEC.expert_bytes()
+    worker.forward(np.ones((2, 8), dtype=np.float32), np.array([5]), np.array([0, 2]),
+                   np.array([0, 1]), np.ones(2, dtype=np.float32))
+
+    assert worker.load([5, 1]) == 0, "nothing new to load"
+    assert worker.load([5, 6]) == SPEC.expert_bytes(), "only logical 6 is new"
+    assert worker.hosted() == [1, 5, 6]
+    assert worker.stats()["expert_tokens"] == {1: 0, 5: 2, 6: 0}, "reloading keeps the counters"
+
+
+def test_same_expert_twice_in_one_load_is_one_replica(worker: ExpertWorker) -> None:
+    # a worker holds at most one replica of a logical expert
+    assert worker.load([3, 3]) == SPEC.expert_bytes()
+
+    assert worker.hosted() == [3]
+    assert worker.stats()["replicas"] == 1
+
+
+def test_export_then_load_from_gives_the_same_forward(worker: ExpertWorker) -> None:
     model = RandomModel(SPEC, seed=11)
-    worker.load([(0, 1)])
-    worker.load([(0, 5)])  # layer 1 expert 1
-    x = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)
-    args = (np.array([0]), np.array([0, 2]), np.array([0, 1]), np.ones(2, dtype=np.float32))
+    other = ExpertWorker(4, RandomModel(SPEC, seed=99), torch_threads=1, device="cpu")
+    worker.load([1, 6])
 
-    out = worker.forward(x, *args)
+    tensors = worker.export(6)  # layer 1 expert 2
+    w = model.expert(1, 2)
+    assert sorted(tensors) == ["w1", "w2", "w3"]
+    for name, expected in (("w1", w.w1), ("w2", w.w2), ("w3", w.w3)):
+        assert isinstance(tensors[name], np.ndarray) and tensors[name].dtype == np.float32
+        np.testing.assert_array_equal(tensors[name], expected.numpy(), err_msg=name)
 
-    assert worker.hosted() == {0: 5}
-    np.testing.assert_allclose(out, reference_forward(model, {0: 5}, x, *args), rtol=1e-5, atol=1e-6)
+    assert other.load_from(6, tensors) == SPEC.expert_bytes()
+    assert other.hosted() == [6]
+    assert other.stats()["expert_tokens"] == {6: 0}
+    args = (np.array([6]), np.array([0, 3]), np.array([2, 0, 3]), np.array([0.3, 1.0, 0.6], dtype=np.float32))
+    x = np.random.default_rng(2).standard_normal((4, 8)).astype(np.float32)
+    before = worker.forward(x, *args)
+    worker.unload([6])  # the source drops its copy, as a migration does
 
+    after = other.forward(x, *args)
 
-def test_same_expert_in_two_slots_loads_both(worker: ExpertWorker) -> None:
-    # a placement may put two replicas of a hot expert on one worker
-    worker.load([(0, 3), (1, 3)])
-
-    assert worker.hosted() == {0: 3, 1: 3}
+    np.testing.assert_array_equal(after, before)
+    np.testing.assert_allclose(after, reference_forward(model, x, *args), rtol=1e-5, atol=1e-6)
+    # the weights came from export, not from other's own source, which holds a different expert
+    assert not torch.equal(RandomModel(SPEC, seed=99).expert(1, 2).w1, w.w1)
+    assert other.load([6]) == 0, "load_from counts as hosted"
 
 
 def test_stats_count_calls_and_tokens(worker: ExpertWorker) -> None:
-    worker.load([(0, 0), (1, 4)])
+    worker.load([0, 4])
     x = np.ones((4, 8), dtype=np.float32)
 
-    worker.forward(x, np.array([0, 1]), np.array([0, 3, 4]), np.array([0, 1, 2, 3]),
+    worker.forward(x, np.array([0, 4]), np.array([0, 3, 4]), np.array([0, 1, 2, 3]),
                    np.ones(4, dtype=np.float32))
-    worker.forward(x, np.array([1]), np.array([0, 2]), np.array([1, 2]), np.ones(2, dtype=np.float32))
+    worker.forward(x, np.array([4]), np.array([0, 2]), np.array([1, 2]), np.ones(2, dtype=np.float32))
 
     stats = worker.stats()
-    assert {k: stats[k] for k in ("index", "slots", "calls", "tokens")} == {
-        "index": 3, "slots": 2, "calls": 2, "tokens": 6,
+    assert {k: stats[k] for k in ("index", "replicas", "calls", "tokens", "expert_tokens")} == {
+        "index": 3, "replicas": 2, "calls": 2, "tokens": 6, "expert_tokens": {0: 3, 4: 3},
     }  # fmt: skip
     assert stats["busy_s"] > 0
 
 
 def test_repr_and_ready(worker: ExpertWorker) -> None:
-    worker.load([(0, 0), (1, 1)])
+    worker.load([0, 1])
 
-    assert repr(worker).startswith("ExpertWorker(index=3, slots=2, device=cpu, pid=")
+    assert repr(worker).startswith("ExpertWorker(index=3, replicas=2, device=cpu, pid=")
     ready = worker.ready()
     assert (ready["index"], ready["device"]) == (3, "cpu")
     assert isinstance(ready["pid"], int)
+    assert ready["node_id"] == "local", "outside Ray the worker names no node"
