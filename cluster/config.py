@@ -71,11 +71,36 @@ class ModelConfig(_Section):
 
 class WorkersConfig(_Section):
     count: Annotated[int, Field(ge=1, description="expert shard workers (Ray actors)")] = 2
-    slots_per_worker: Annotated[int | None, Field(ge=1, description="replica slots per worker; default: just enough for one replica of every expert")] = None
+    slots_per_worker: Annotated[int | None, Field(ge=1, description="replica slots per worker (memory budget); default: one replica of every expert plus 25% room for hot-expert replicas")] = None
     num_gpus: Annotated[Literal["auto"] | Annotated[float, Field(ge=0)], Field(description="GPUs per worker; auto: 1 when the cluster has GPUs, else 0")] = "auto"
     num_cpus: Annotated[float, Field(ge=0, description="CPUs Ray reserves per worker (fractional allowed)")] = 0.5
     torch_threads: Annotated[int, Field(ge=1, description="torch intra-op threads per worker")] = 1
     device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="where expert math runs")] = "auto"
+
+
+class RebalanceConfig(_Section):
+    """When and how hot experts are replicated and placement rebalanced, live."""
+
+    enabled: Annotated[bool, Field(description="rebalance automatically when load drifts")] = True
+    threshold: Annotated[float, Field(gt=0, le=1, description="rebalance when live balancedness (min over layers) falls below this")] = 0.85
+    hysteresis: Annotated[float, Field(ge=0, le=1, description="after a rebalance, trigger again only below (balancedness reached - hysteresis)")] = 0.05
+    min_gain: Annotated[float, Field(ge=0, le=1, description="skip a plan that improves balancedness by less than this")] = 0.03
+    min_interval_s: Annotated[float, Field(ge=0, description="least time between two automatic rebalances")] = 2.0
+    check_interval_s: Annotated[float, Field(gt=0, description="how often the controller looks at the load")] = 0.5
+    window_s: Annotated[float, Field(gt=0, description="sliding window of routed tokens the decisions use")] = 5.0
+    min_window_tokens: Annotated[int, Field(ge=0, description="do not decide on fewer routed tokens than this")] = 2048
+    min_replicas: Annotated[int, Field(ge=1, description="replicas every logical expert keeps")] = 1
+    policy: Annotated[Literal["global", "node_aware"], Field(description="global, or spread an expert's replicas over nodes")] = "global"
+    max_loads_per_step: Annotated[int, Field(ge=1, description="replicas loaded per migration step (bounds memory and pause)")] = 8
+    copy_from_live: Annotated[bool, Field(description="copy new replicas from a live one through the object store instead of reading the checkpoint")] = True
+
+    @model_validator(mode="after")
+    def _window_covers_checks(self) -> RebalanceConfig:
+        if self.window_s < self.check_interval_s:
+            raise ValueError(
+                f"rebalance.window_s ({self.window_s}) must be at least rebalance.check_interval_s ({self.check_interval_s})"
+            )
+        return self
 
 
 class RouterConfig(_Section):
@@ -97,6 +122,7 @@ class ServeConfig(_Section):
     model: ModelConfig = ModelConfig()
     workers: WorkersConfig = WorkersConfig()
     router: RouterConfig = RouterConfig()
+    rebalance: RebalanceConfig = RebalanceConfig()
     ray: RayConfig = RayConfig()
 
     def with_overrides(self, **dotted: object) -> ServeConfig:

@@ -16,7 +16,11 @@ import ray
 import torch
 
 from cluster.config import RayConfig, ServeConfig
+from cluster.admin import ModelAdmin
+from cluster.controller import Controller
 from cluster.placement import Placement
+from cluster.placement_store import PlacementStore
+from cluster.rebalancer import Rebalancer
 from router_service.moe_layer import DistributedMoELayer
 from router_service.ray_backend import RayExpertBackend
 from router_service.router import ModelRouter
@@ -62,14 +66,22 @@ class Deployment:
     pool: ExpertPool
     router: ModelRouter
     server: RouterServer
-    placement: Placement
+    placements: PlacementStore
+    controller: Controller
+    admin: ModelAdmin
+
+    @property
+    def placement(self) -> Placement:
+        """The placement in service now."""
+        return self.placements.current
 
     @property
     def address(self) -> str:
         return f"{self.config.router.host}:{self.server.port}"
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        """Stop taking requests, let in-flight ones finish, then release the workers."""
+        """Stop rebalancing and taking requests, let in-flight ones finish, release the workers."""
+        await self.controller.stop()
         await self.server.stop(grace_s)
         self.pool.shutdown()
 
@@ -79,27 +91,42 @@ async def deploy(config: ServeConfig, progress: LoadProgress | None = None) -> D
     torch.set_num_threads(config.router.torch_threads)
     weights = weights_for(config)
     spec = weights.spec
-    placement = Placement.round_robin(
-        spec.num_logical_experts, config.workers.count, config.workers.slots_per_worker
-    )
+    slots = slots_per_worker(spec.num_logical_experts, config.workers.count, config.workers.slots_per_worker)
+    placement = Placement.round_robin(spec.num_logical_experts, config.workers.count, slots)
+    placements = PlacementStore(placement)
     pool = ExpertPool(config.model.name, weights, config.workers, config.ray.namespace)
     try:
         await asyncio.to_thread(pool.start, config.workers.count)
         loaded = await asyncio.to_thread(pool.load, placement, progress)
         log.info("loaded %.1f MiB of expert weights into %d workers", loaded / 2**20, config.workers.count)
         gates = {layer: weights.gate_weight(layer) for layer in spec.moe_layers}
-        layer = DistributedMoELayer(spec, gates, lambda: placement, RayExpertBackend(pool.handles))
+        layer = DistributedMoELayer(spec, gates, placements, RayExpertBackend(pool.handles))
         router = ModelRouter(config.model.name, layer, {
             "max_batch_tokens": config.router.max_batch_tokens,
             "max_wait_ms": config.router.max_wait_ms,
             "max_inflight_batches": config.router.max_inflight_batches,
-        })
+        }, window_s=config.rebalance.window_s)
+        rebalance = config.rebalance
+        rebalancer = Rebalancer(placements, pool, rebalance.max_loads_per_step, rebalance.copy_from_live)
+        controller = Controller(placements, router.load.snapshot, rebalancer, [slots] * config.workers.count,
+                                rebalance, worker_nodes=pool.worker_nodes())
+        admin = ModelAdmin(config.model.name, spec, placements, controller, router.load.snapshot,
+                           pool.stats_async, router.outstanding_tokens_now)
         server = await start_server(
             {config.model.name: router}, config.router.host, config.router.port,
-            config.router.max_message_mb * 1024 * 1024,
+            config.router.max_message_mb * 1024 * 1024, admins={config.model.name: admin},
         )
     except BaseException:
         pool.shutdown()
         raise
     await server.set_serving(True)
-    return Deployment(config, weights, pool, router, server, placement)
+    controller.start()
+    return Deployment(config, weights, pool, router, server, placements, controller, admin)
+
+
+def slots_per_worker(num_logical_experts: int, num_workers: int, configured: int | None) -> int:
+    """The configured slots, or one replica of every expert plus 25% room for hot replicas."""
+    if configured is not None:
+        return configured
+    needed = -(-num_logical_experts // num_workers)
+    return needed + max(1, needed // 4)

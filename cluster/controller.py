@@ -1,0 +1,161 @@
+"""The rebalance controller: watches the routed load and replicates hot experts, live.
+
+`decide` is the pure decision (balancedness, state, now -> trigger?, state); `Controller` is the
+loop that reads the load window, plans with `cluster.planner`, and hands the plan to the
+`Rebalancer`. Every decision that acts or skips is kept as an event with its reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from cluster.config import RebalanceConfig
+from cluster.load_stats import LoadSnapshot
+from cluster.migration import replicas
+from cluster.placement import Placement
+from cluster.placement_store import PlacementStore
+from cluster.planner import count_moves, layer_balancedness, plan_placement
+from cluster.rebalancer import MigrationReport, Rebalancer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RebalanceState:
+    """last_s: when the controller last planned; floor: trigger only below this balancedness."""
+
+    last_s: float = float("-inf")
+    floor: float = 1.0
+
+
+def decide(balancedness: float, state: RebalanceState, now_s: float, config: RebalanceConfig) -> tuple[bool, str, RebalanceState]:
+    """Whether to plan a rebalance now. Pure.
+
+    Triggers when balancedness is below `min(threshold, floor)` and `min_interval_s` has passed.
+    After a rebalance the floor is (balancedness reached - hysteresis), so a placement that is
+    as good as it gets is not re-planned until the load has drifted further.
+    """
+    if balancedness >= config.threshold:
+        return False, f"balanced ({balancedness:.3f} >= threshold {config.threshold})", replace(state, floor=1.0)
+    trigger_below = min(config.threshold, state.floor)
+    if balancedness >= trigger_below:
+        return False, f"within hysteresis ({balancedness:.3f} >= {trigger_below:.3f})", state
+    if now_s - state.last_s < config.min_interval_s:
+        return False, f"too soon ({now_s - state.last_s:.1f}s < min_interval_s {config.min_interval_s})", state
+    return True, f"balancedness {balancedness:.3f} < {trigger_below:.3f}", replace(state, last_s=now_s)
+
+
+@dataclass(frozen=True)
+class RebalanceEvent:
+    """What the controller did and why; `report` is None when it skipped."""
+
+    at_s: float
+    reason: str
+    balancedness_before: float
+    balancedness_planned: float
+    moves: int
+    report: MigrationReport | None
+
+
+class Controller:
+    def __init__(self, store: PlacementStore, load: Callable[[float], LoadSnapshot], rebalancer: Rebalancer,
+                 capacity: Sequence[int], config: RebalanceConfig, worker_nodes: Sequence[str] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self._store = store
+        self._load = load
+        self._rebalancer = rebalancer
+        self.capacity = list(capacity)
+        self.config = config
+        self._nodes = list(worker_nodes) if worker_nodes is not None else None
+        self._clock = clock
+        self.state = RebalanceState()
+        self.events: deque[RebalanceEvent] = deque(maxlen=200)
+        self._task: asyncio.Task | None = None
+
+    def __repr__(self) -> str:
+        return f"Controller(version={self._store.current.version}, events={len(self.events)})"
+
+    def balancedness(self, snapshot: LoadSnapshot | None = None) -> np.ndarray:
+        """`[L]` live balancedness of the placement in service under the recent load."""
+        snapshot = snapshot or self._load(self._clock())
+        return layer_balancedness(self._store.current, snapshot.expert_tokens)
+
+    def plan(self, load: np.ndarray | None = None) -> Placement:
+        """A dry run: the placement the planner would choose for `load` `[L, E]` (default: recent)."""
+        if load is None:
+            load = self._load(self._clock()).expert_tokens
+        return plan_placement(
+            np.asarray(load, dtype=np.float64), self.capacity, self._store.current,
+            min_replicas=self.config.min_replicas, policy=self.config.policy, worker_nodes=self._nodes,
+        )
+
+    async def check(self, force: bool = False, explain: bool = False) -> RebalanceEvent | None:
+        """Look at the load once; plan and apply when `decide` says so (or `force`).
+
+        Returns the event when it acted or skipped a plan; with `explain`, also (unrecorded) why
+        it did not plan at all.
+        """
+        now = self._clock()
+        snapshot = self._load(now)
+        before = float(self.balancedness(snapshot).min())
+        if snapshot.total_tokens < self.config.min_window_tokens and not force:
+            reason = f"too few routed tokens in the window ({snapshot.total_tokens} < min_window_tokens {self.config.min_window_tokens})"
+            return RebalanceEvent(now, reason, before, before, 0, None) if explain else None
+        trigger, reason, self.state = decide(before, self.state, now, self.config)
+        if force and not trigger:
+            reason = f"forced on demand at balancedness {before:.3f}"
+        if not (trigger or force):
+            return RebalanceEvent(now, reason, before, before, 0, None) if explain else None
+        target = self.plan(snapshot.expert_tokens)
+        planned = float(layer_balancedness(target, snapshot.expert_tokens).min())
+        moves = count_moves(self._store.current, target)
+        if not force and planned - before < self.config.min_gain:
+            event = RebalanceEvent(now, f"skipped: plan gains {planned - before:.3f} < min_gain {self.config.min_gain}", before, planned, moves, None)
+            self.state = replace(self.state, floor=before - self.config.hysteresis)
+        else:
+            changes = replicas(target) != replicas(self._store.current)
+            report = await self._rebalancer.apply(target) if changes else None
+            event = RebalanceEvent(now, reason if changes else f"{reason}: the plan is the placement in service", before, planned, moves, report)
+            self.state = replace(self.state, floor=planned - self.config.hysteresis)
+        self.events.append(event)
+        log.info("rebalance: %s (%.3f -> %.3f, %d moves)", event.reason, before, planned, moves)
+        return event
+
+    async def apply(self, target: Placement, reason: str = "applied on demand") -> RebalanceEvent:
+        """Move to a given placement (e.g. imported from a file), make-before-break."""
+        before = float(self.balancedness().min())
+        moves = count_moves(self._store.current, target)
+        if replicas(target) == replicas(self._store.current):
+            event = RebalanceEvent(self._clock(), "already in service: nothing to move", before, before, 0, None)
+            self.events.append(event)
+            return event
+        report = await self._rebalancer.apply(target)
+        after = float(self.balancedness().min())
+        event = RebalanceEvent(self._clock(), reason, before, after, moves, report)
+        self.events.append(event)
+        return event
+
+    def start(self) -> None:
+        if self.config.enabled and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="rebalance-controller")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.check_interval_s)
+            try:
+                await self.check()
+            except Exception:  # the loop must outlive one failed attempt; the next check retries
+                log.exception("rebalance check failed")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
