@@ -1,9 +1,11 @@
-"""`moe-serve`: serve a model, send it requests, or run the demo."""
+"""`moe-serve`: serve a model, send it requests, run the demo, or look at and change a running
+model's load and placement (`load`, `placement show|plan|apply|export|import`, `rebalance`)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -11,9 +13,20 @@ import time
 
 import grpc
 import numpy as np
+from rich.markup import escape
 
 from cluster.config import ConfigError, ServeConfig, load_config
-from cluster.console import console, load_progress, summary_table
+from cluster.console import (
+    console,
+    events_table,
+    layer_expert_table,
+    load_progress,
+    placement_table,
+    plan_tables,
+    summary_table,
+    worker_load_table,
+)
+from cluster.placement import Placement
 
 
 def _serve_parser(sub) -> None:
@@ -124,21 +137,220 @@ def cmd_demo(args) -> int:
     return 0 if report.max_rel_error < 1e-5 else 1
 
 
+def _admin_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--address", default="127.0.0.1:8001", help="router address host:port")
+    common.add_argument("--model", default="moe", help="model name")
+    common.add_argument("--timeout-s", type=float, default=300.0, help="deadline of each admin call")
+    return common
+
+
+def _admin_parsers(sub) -> None:
+    common = _admin_options()
+    p = sub.add_parser("load", parents=[common], help="routed load per expert, balancedness, workers, events")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p = sub.add_parser("rebalance", parents=[common], help="plan and apply a new placement now if it gains enough")
+    p.add_argument("--force", action="store_true", help="apply the plan whatever it gains")
+    p.add_argument("--json", action="store_true", help="print the event as JSON")
+    placement = sub.add_parser("placement", help="show, plan, apply, export or import the placement")
+    actions = placement.add_subparsers(dest="action", required=True)
+    p = actions.add_parser("show", parents=[common], help="which worker holds which experts")
+    p.add_argument("--json", action="store_true", help="print the placement (export format) as JSON")
+    p = actions.add_parser("plan", parents=[common], help="dry run: what the planner would do now")
+    p.add_argument("--load", metavar="FILE.json", help="plan for this load ([layers][experts] tokens, or `load --json` output) instead of the recent window")
+    p.add_argument("--output", metavar="FILE.json", help="also write the proposed placement here (export format)")
+    p = actions.add_parser("apply", parents=[common], help="move to the placement in a file, live")
+    p.add_argument("file", metavar="FILE.json", help="a placement (export format, or version/num_logical_experts/slots)")
+    p = actions.add_parser("export", parents=[common], help="write the placement in service to a file")
+    p.add_argument("file", metavar="FILE.json")
+    p = actions.add_parser("import", parents=[common], help="apply a placement exported with `placement export`")
+    p.add_argument("file", metavar="FILE.json")
+
+
+def _admin(args):
+    from router_service.admin_client import AdminClient
+
+    return AdminClient(args.address, timeout_s=args.timeout_s)
+
+
+def _event_dict(event) -> dict:
+    return {f.name: getattr(event, f.name) for f in event.DESCRIPTOR.fields}
+
+
+def _load_dict(response) -> dict:
+    from router_service.admin_client import tokens_per_s, window_tokens
+
+    workers = []
+    for w in response.workers:
+        entry = {f.name: getattr(w, f.name) for f in w.DESCRIPTOR.fields if f.name != "replica_tokens"}
+        workers.append({**entry, "replica_tokens": {str(e): n for e, n in sorted(w.replica_tokens.items())}})
+    return {
+        "model": response.model, "layers": list(response.layers), "num_experts": response.num_experts,
+        "window_s": response.window_s, "placement_version": response.placement_version,
+        "window_tokens": window_tokens(response).tolist(), "tokens_per_s": tokens_per_s(response).tolist(),
+        "balancedness": list(response.balancedness), "workers": workers,
+        "recent_events": [_event_dict(e) for e in response.recent_events],
+    }
+
+
+def _print_json(data: dict) -> None:
+    print(json.dumps(data, indent=2))
+
+
+def _print_event(event, as_json: bool = False) -> None:
+    data = _event_dict(event)
+    if as_json:
+        _print_json(data)
+        return
+    console.print(summary_table("rebalance event", {
+        "applied": "yes" if data["applied"] else "no",
+        "reason": escape(data["reason"]),
+        "placement version": f"v{data['from_version']} -> v{data['to_version']}",
+        "replica loads": str(data["moves"]),
+        "balancedness (min over layers)": f"{data['balancedness_before']:.3f} -> {data['balancedness_after']:.3f}",
+        "moved": f"{data['bytes_moved'] / 2**20:.1f} MiB",
+        "took": f"{data['duration_s']:.2f} s",
+    }))
+
+
+def cmd_load(args) -> int:
+    with _admin(args) as admin:
+        data = _load_dict(admin.load(args.model))
+    if args.json:
+        _print_json(data)
+        return 0
+    console.print(layer_expert_table(
+        data["layers"], np.asarray(data["tokens_per_s"]),
+        f"{data['model']}: tokens/s per expert over the last {data['window_s']:.1f}s "
+        f"(placement v{data['placement_version']})", data["balancedness"], decimals=1,
+    ))
+    console.print(worker_load_table(data["workers"]))
+    if data["recent_events"]:
+        console.print(events_table(data["recent_events"]))
+    else:
+        console.print("no rebalance events yet")
+    return 0
+
+
+def cmd_rebalance(args) -> int:
+    with _admin(args) as admin:
+        _print_event(admin.rebalance(args.model, force=args.force), args.json)
+    return 0
+
+
+def _export_text(model: str, placement: Placement) -> str:
+    """The export format: `{"model", "version", "num_logical_experts", "slots"}`, a row a line."""
+    data = placement.to_dict()
+    rows = ",\n".join(f"    {json.dumps(r)}" for r in data["slots"])
+    return (
+        f'{{\n  "model": {json.dumps(model)},\n  "version": {data["version"]},\n'
+        f'  "num_logical_experts": {data["num_logical_experts"]},\n  "slots": [\n{rows}\n  ]\n}}\n'
+    )
+
+
+def _read_json(path: str, what: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as err:
+        raise ValueError(f"cannot read {what} file {path}: {err.strerror or err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what} file {path} is not JSON: {err}") from None
+
+
+def read_placement_file(path: str, model: str, require_model: bool) -> Placement:
+    """A placement from `path` (export format; with `require_model` the `model` key must be
+    there). ValueError naming the file when it is missing, not JSON, or not a placement."""
+    data = _read_json(path, "placement")
+    if not isinstance(data, dict):
+        raise ValueError(f"placement file {path} must hold a JSON object as `moe-serve placement export` writes it, got {type(data).__name__}")
+    if "model" not in data and require_model:
+        raise ValueError(f"placement file {path} names no model; `moe-serve placement export` files have a 'model' key (keys here: {sorted(data)})")
+    if "model" in data and data["model"] != model:
+        raise ValueError(f"placement file {path} is for model {data['model']!r}, not {model!r}; pass --model {data['model']} to use it there")
+    try:
+        return Placement.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"placement file {path} is not a valid placement: {err}") from None
+
+
+def read_load_file(path: str) -> np.ndarray:
+    """Tokens per logical expert: a JSON list (`[layers][experts]` or flat), or an object with
+    `window_tokens` (what `moe-serve load --json` prints) or `load`."""
+    data = _read_json(path, "load")
+    if isinstance(data, dict):
+        key = next((k for k in ("window_tokens", "load") if k in data), None)
+        if key is None:
+            raise ValueError(f"load file {path} has no 'window_tokens' or 'load' key (keys: {sorted(data)})")
+        data = data[key]
+    try:
+        return np.asarray(data, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"load file {path} is not a list of numbers per layer and expert: {err}") from None
+
+
+def cmd_placement(args) -> int:
+    with _admin(args) as admin:
+        if args.action in ("apply", "import"):
+            placement = read_placement_file(args.file, args.model, require_model=args.action == "import")
+            _print_event(admin.apply(args.model, placement))
+        elif args.action == "export":
+            placement = admin.placement(args.model)
+            with open(args.file, "w") as f:
+                f.write(_export_text(args.model, placement))
+            console.print(f"wrote placement v{placement.version} of {args.model} to {args.file}", highlight=False)
+        elif args.action == "show":
+            placement = admin.placement(args.model)
+            if args.json:
+                _print_json({"model": args.model, **placement.to_dict()})
+            else:
+                load = admin.load(args.model)
+                console.print(placement_table(args.model, placement.to_dict(), load.layers, load.num_experts))
+        else:
+            _show_plan(admin, args)
+    return 0
+
+
+def _show_plan(admin, args) -> None:
+    from router_service.admin_client import placement_from_pb
+
+    load = read_load_file(args.load) if args.load else None
+    plan = admin.plan(args.model, load)
+    shape = admin.load(args.model)
+    changes, balance = plan_tables({
+        "moves": plan.moves, "balancedness_current": list(plan.balancedness_current),
+        "balancedness_proposed": list(plan.balancedness_proposed),
+        "changes": [{"worker": c.worker, "expert": c.expert, "added": c.added} for c in plan.changes],
+    }, shape.layers, shape.num_experts)
+    console.print(f"dry run for {args.model}: placement v{plan.current.version} stays in service; "
+                  f"{'the recent window' if load is None else args.load} as the load", highlight=False)
+    console.print(changes)
+    console.print(balance)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(_export_text(args.model, placement_from_pb(plan.proposed)))
+        console.print(f"wrote the proposed placement to {args.output}; apply it with `moe-serve placement import {args.output}`", highlight=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moe-serve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _infer_parser(sub)
     _demo_parser(sub)
+    _admin_parsers(sub)
     args = parser.parse_args(argv)
-    handlers = {"serve": cmd_serve, "infer": cmd_infer, "demo": cmd_demo}
+    handlers = {
+        "serve": cmd_serve, "infer": cmd_infer, "demo": cmd_demo,
+        "load": cmd_load, "placement": cmd_placement, "rebalance": cmd_rebalance,
+    }
     try:
         return handlers[args.command](args)
     except (ConfigError, ValueError, TypeError, OSError) as err:
-        console.print(f"[red]error:[/] {err}", highlight=False)
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         return 2
     except grpc.RpcError as err:
-        console.print(f"[red]error:[/] {err.code().name}: {err.details()}", highlight=False)
+        console.print(f"[red]error:[/] {err.code().name}: {escape(err.details() or '')}", highlight=False)
         return 1
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -32,19 +33,38 @@ def load_progress(description: str = "loading expert weights") -> Iterator:
 
 
 def expert_load_table(spec: ModelSpec, expert_tokens: np.ndarray, title: str = "tokens per expert") -> Table:
-    """expert_tokens: `[num_moe_layers, E]`; one row per layer, the hottest expert in bold."""
+    """expert_tokens: `[num_moe_layers, E]`; one row per layer, the hottest expert in bold.
+    The last column is the experts' own balance (mean / max over the layer's experts)."""
+    rows = np.asarray(expert_tokens)
+    balance = [float(r.mean() / r.max()) if r.max() else 1.0 for r in rows]
+    return layer_expert_table(spec.moe_layers, rows, title, balance, "balance")
+
+
+def layer_expert_table(layers: Sequence[int], values: np.ndarray, title: str,
+                       balancedness: Sequence[float] | None = None, balance_label: str = "balancedness",
+                       decimals: int = 0) -> Table:
+    """values: `[len(layers), E]` (tokens, tokens/s); one row per MoE layer, the hottest expert
+    in bold red; `balancedness`: `[len(layers)]` shown in a last column when given."""
+    values = np.asarray(values)
     table = Table(title=title)
     table.add_column("layer", justify="right")
-    for e in range(spec.num_experts):
+    for e in range(values.shape[1] if values.ndim == 2 else 0):
         table.add_column(f"e{e}", justify="right")
-    table.add_column("balance", justify="right")
-    for i, layer in enumerate(spec.moe_layers):
-        row = expert_tokens[i]
+    if balancedness is not None:
+        table.add_column(balance_label, justify="right")
+    for i, layer in enumerate(layers):
+        row = values[i]
         hottest = int(row.argmax()) if row.any() else -1
-        cells = [f"[bold red]{v}[/]" if e == hottest else str(v) for e, v in enumerate(row.tolist())]
-        balance = row.mean() / row.max() if row.max() else 1.0
-        table.add_row(str(layer), *cells, f"{balance:.2f}")
+        cells = [f"[bold red]{v:.{decimals}f}[/]" if e == hottest else f"{v:.{decimals}f}"
+                 for e, v in enumerate(row.astype(np.float64).tolist())]
+        extra = [f"{balancedness[i]:.2f}"] if balancedness is not None else []
+        table.add_row(str(layer), *cells, *extra)
     return table
+
+
+def expert_label(logical: int, layers: Sequence[int], num_experts: int) -> str:
+    """`layer:expert` of a global logical expert id (`moe_index * num_experts + e`)."""
+    return f"{layers[logical // num_experts]}:{logical % num_experts}"
 
 
 def worker_table(spec: ModelSpec, placement: Placement, stats: list[dict]) -> Table:
@@ -65,3 +85,61 @@ def summary_table(title: str, rows: dict[str, str]) -> Table:
     for key, value in rows.items():
         table.add_row(key, value)
     return table
+
+
+def placement_table(model: str, placement: dict, layers: Sequence[int], num_experts: int) -> Table:
+    """placement: `Placement.to_dict()`; one row per worker, its replicas as `layer:expert`."""
+    table = Table(title=f"placement of {model} (v{placement['version']})")
+    for col in ("worker", "replicas", "experts (layer:expert)"):
+        table.add_column(col, justify="left" if col.startswith("experts") else "right")
+    for w, row in enumerate(placement["slots"]):
+        held = [e for e in row if e >= 0]
+        table.add_row(str(w), str(len(held)), " ".join(expert_label(e, layers, num_experts) for e in held))
+    return table
+
+
+def worker_load_table(workers: list[dict]) -> Table:
+    """workers: dicts with `index, node_id, replicas, calls, tokens, busy_s, outstanding_tokens`
+    (counters since the workers started; outstanding: tokens in hand now)."""
+    table = Table(title="workers")
+    for col in ("worker", "node", "replicas", "calls", "tokens", "busy s", "outstanding"):
+        table.add_column(col, justify="left" if col == "node" else "right")
+    for w in workers:
+        table.add_row(
+            str(w["index"]), str(w["node_id"])[:12], str(w["replicas"]), str(w["calls"]), str(w["tokens"]),
+            f"{w['busy_s']:.2f}", str(w["outstanding_tokens"]),
+        )
+    return table
+
+
+def events_table(events: list[dict], title: str = "recent rebalance events") -> Table:
+    """events: dicts with the `RebalanceEvent` fields, oldest first."""
+    table = Table(title=title)
+    for col in ("age s", "applied", "version", "moves", "balancedness", "moved MiB", "took s", "reason"):
+        table.add_column(col, justify="left" if col == "reason" else "right")
+    for e in events:
+        table.add_row(
+            f"{e['age_s']:.1f}", "yes" if e["applied"] else "no", f"v{e['from_version']} -> v{e['to_version']}",
+            str(e["moves"]), f"{e['balancedness_before']:.3f} -> {e['balancedness_after']:.3f}",
+            f"{e['bytes_moved'] / 2**20:.1f}", f"{e['duration_s']:.2f}", escape(e["reason"]),
+        )
+    return table
+
+
+def plan_tables(plan: dict, layers: Sequence[int], num_experts: int) -> tuple[Table, Table]:
+    """plan: `{moves, balancedness_current, balancedness_proposed, changes: [{worker, expert,
+    added}]}`; (replica changes, per-layer balancedness current vs proposed)."""
+    changes = Table(title=f"replica changes ({plan['moves']} loads)")
+    for col in ("worker", "change", "expert (layer:expert)"):
+        changes.add_column(col, justify="right")
+    for c in sorted(plan["changes"], key=lambda c: (c["worker"], not c["added"], c["expert"])):
+        changes.add_row(
+            str(c["worker"]), "[green]+ add[/]" if c["added"] else "[red]- remove[/]",
+            expert_label(c["expert"], layers, num_experts),
+        )
+    balance = Table(title="balancedness per layer")
+    for col in ("layer", "current", "proposed"):
+        balance.add_column(col, justify="right")
+    for i, layer in enumerate(layers):
+        balance.add_row(str(layer), f"{plan['balancedness_current'][i]:.3f}", f"{plan['balancedness_proposed'][i]:.3f}")
+    return changes, balance

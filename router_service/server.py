@@ -11,10 +11,13 @@ from grpc_reflection.v1alpha import reflection
 
 from protos import grpc_predict_v2_pb2 as pb
 from protos import grpc_predict_v2_pb2_grpc as pb_grpc
+from protos import moe_admin_pb2, moe_admin_pb2_grpc as admin_pb2_grpc
+from router_service.admin_servicer import AdminOperations, AdminServicer
 from router_service.router import ModelRouter
 from router_service.servicer import InferenceServicer
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+ADMIN_SERVICE = moe_admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
 @dataclass
@@ -40,19 +43,25 @@ class RouterServer:
 
 
 async def start_server(
-    models: dict[str, ModelRouter], host: str, port: int, max_message_bytes: int
+    models: dict[str, ModelRouter], host: str, port: int, max_message_bytes: int,
+    admins: dict[str, AdminOperations] | None = None,
 ) -> RouterServer:
-    """Bind and start; health starts NOT_SERVING until `set_serving(True)`."""
+    """Bind and start; health starts NOT_SERVING until `set_serving(True)`. With `admins`, the
+    admin service (load, placement, rebalance) is served on the same port."""
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
     ])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(models), server)
+    services = [INFERENCE_SERVICE]
+    if admins is not None:
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(admins), server)
+        services.append(ADMIN_SERVICE)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
     bound = server.add_insecure_port(f"{host}:{port}")

@@ -1,0 +1,274 @@
+"""The admin gRPC service (`moe.admin.v1.AdminService`): load, placement, rebalance.
+
+The servicer speaks protobuf on one side and `AdminOperations` (implemented by
+`cluster.admin.ModelAdmin`) on the other. Domain errors become gRPC status codes here, in one
+place (`AdminServicer._call`):
+
+- an unknown model: NOT_FOUND, naming the models served;
+- a `ValueError` (a load of the wrong shape, a placement that does not fit the model or the
+  workers, a missing placement): INVALID_ARGUMENT with its message;
+- anything else: INTERNAL with a generic message; the exception goes to the server log only.
+
+The router never imports the control loop: the reports it converts are described here by small
+Protocols, and placements travel as `cluster.placement.Placement` values.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+import grpc
+import numpy as np
+
+from cluster.placement import Placement
+from protos import moe_admin_pb2 as admin_pb2
+from protos import moe_admin_pb2_grpc as admin_pb2_grpc
+from router_service.codec import RequestError, invalid
+
+if TYPE_CHECKING:
+    from cluster.load_stats import LoadSnapshot
+    from cluster.model_spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+RECENT_EVENTS = 20  # rebalance events a LoadResponse carries, oldest first
+T = TypeVar("T")
+
+
+# ---- what the servicer reads (structural: cluster.admin / cluster.controller satisfy them) ---
+
+
+class MigrationReportView(Protocol):
+    @property
+    def from_version(self) -> int: ...
+    @property
+    def to_version(self) -> int: ...
+    @property
+    def bytes_moved(self) -> int: ...
+    @property
+    def duration_s(self) -> float: ...
+
+
+class RebalanceEventView(Protocol):
+    """at_s: on the `time.monotonic` clock; report: None when the controller skipped."""
+
+    @property
+    def at_s(self) -> float: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def balancedness_before(self) -> float: ...
+    @property
+    def balancedness_planned(self) -> float: ...
+    @property
+    def moves(self) -> int: ...
+    @property
+    def report(self) -> MigrationReportView | None: ...
+
+
+class LoadReportView(Protocol):
+    """balancedness: `[L]`; workers: dicts with `index, node_id, replicas, calls, tokens,
+    busy_s, outstanding_tokens, expert_tokens` (`{logical expert: tokens}`)."""
+
+    @property
+    def snapshot(self) -> LoadSnapshot: ...
+    @property
+    def balancedness(self) -> np.ndarray: ...
+    @property
+    def placement_version(self) -> int: ...
+    @property
+    def workers(self) -> list[dict]: ...
+    @property
+    def events(self) -> Sequence[RebalanceEventView]: ...
+
+
+class PlanReportView(Protocol):
+    """balancedness_*: `[L]`; added/removed: `(worker, logical expert)` pairs."""
+
+    @property
+    def current(self) -> Placement: ...
+    @property
+    def proposed(self) -> Placement: ...
+    @property
+    def moves(self) -> int: ...
+    @property
+    def balancedness_current(self) -> np.ndarray: ...
+    @property
+    def balancedness_proposed(self) -> np.ndarray: ...
+    @property
+    def added(self) -> list[tuple[int, int]]: ...
+    @property
+    def removed(self) -> list[tuple[int, int]]: ...
+
+
+class AdminOperations(Protocol):
+    """What the admin service needs of one model (implemented by `cluster.admin.ModelAdmin`).
+
+    Every method raises `ValueError` with a message for the user when its input does not fit.
+    """
+
+    name: str
+    spec: ModelSpec
+
+    @property
+    def placement(self) -> Placement: ...
+
+    async def load_report(self) -> LoadReportView: ...
+
+    def plan(self, load: np.ndarray | None = None) -> PlanReportView:
+        """load: `[L, E]` or flat `[L*E]` tokens per logical expert; None: the recent window."""
+        ...
+
+    async def apply(self, placement: Placement) -> RebalanceEventView: ...
+
+    async def rebalance(self, force: bool = False) -> RebalanceEventView: ...
+
+
+# ---- conversions (the client uses the same two for placements) ---------------------------
+
+
+def placement_to_pb(placement: Placement) -> admin_pb2.Placement:
+    return admin_pb2.Placement(
+        version=placement.version,
+        num_logical_experts=placement.num_logical_experts,
+        workers=[admin_pb2.WorkerReplicas(experts=list(row)) for row in placement.slots],
+    )
+
+
+def placement_from_pb(message: admin_pb2.Placement) -> Placement:
+    """ValueError (from `Placement`'s own checks) when the rows do not make a placement."""
+    return Placement.from_mapping(
+        message.version, message.num_logical_experts, [list(w.experts) for w in message.workers]
+    )
+
+
+def event_to_pb(event: RebalanceEventView, current_version: int, now_s: float) -> admin_pb2.RebalanceEvent:
+    """applied: the controller migrated (it has a report); versions of a skip are the current one."""
+    report = event.report
+    return admin_pb2.RebalanceEvent(
+        applied=report is not None,
+        reason=event.reason,
+        from_version=report.from_version if report else current_version,
+        to_version=report.to_version if report else current_version,
+        moves=event.moves,
+        balancedness_before=event.balancedness_before,
+        balancedness_after=event.balancedness_planned,
+        duration_s=report.duration_s if report else 0.0,
+        bytes_moved=report.bytes_moved if report else 0,
+        age_s=max(0.0, now_s - event.at_s),
+    )
+
+
+def _worker_to_pb(stats: dict) -> admin_pb2.WorkerLoad:
+    return admin_pb2.WorkerLoad(
+        index=int(stats["index"]),
+        node_id=str(stats.get("node_id", "")),
+        replicas=int(stats.get("replicas", 0)),
+        calls=int(stats.get("calls", 0)),
+        tokens=int(stats.get("tokens", 0)),
+        busy_s=float(stats.get("busy_s", 0.0)),
+        outstanding_tokens=int(stats.get("outstanding_tokens", 0)),
+        replica_tokens={int(e): int(n) for e, n in stats.get("expert_tokens", {}).items()},
+    )
+
+
+def _flat(array: np.ndarray) -> list:
+    return np.asarray(array).reshape(-1).tolist()
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, admins: dict[str, AdminOperations], clock: Callable[[], float] = time.monotonic):
+        self._admins = admins
+        self._clock = clock
+
+    def __repr__(self) -> str:
+        return f"AdminServicer(models={sorted(self._admins)})"
+
+    def _admin(self, name: str) -> AdminOperations:
+        admin = self._admins.get(name)
+        if admin is None:
+            raise RequestError(
+                grpc.StatusCode.NOT_FOUND, f"unknown model '{name}'; this server serves {sorted(self._admins)}"
+            )
+        return admin
+
+    async def _call(self, context, model: str, what: str, operation: Callable[[AdminOperations], Awaitable[T]]) -> T:
+        """Run `operation` on `model`'s admin; every error becomes a status here (and only here).
+
+        `context.abort` raises, so it is called after the `try`, never inside it.
+        """
+        try:
+            return await operation(self._admin(model))
+        except RequestError as err:
+            code, message = err.code, err.message
+        except ValueError as err:
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(err)
+        except Exception:
+            log.exception("admin %s failed for model %r", what, model)
+            code, message = grpc.StatusCode.INTERNAL, f"{what} failed inside the server; see the server log"
+        await context.abort(code, message)
+        raise AssertionError("context.abort returned")  # grpc.aio's abort always raises
+
+    async def GetLoad(self, request, context):
+        async def get(admin: AdminOperations) -> admin_pb2.LoadResponse:
+            report = await admin.load_report()
+            now = self._clock()
+            snapshot = report.snapshot
+            return admin_pb2.LoadResponse(
+                model=admin.name,
+                layers=list(admin.spec.moe_layers),
+                num_experts=admin.spec.num_experts,
+                window_s=snapshot.window_s,
+                window_tokens=_flat(snapshot.expert_tokens),
+                tokens_per_s=_flat(snapshot.tokens_per_s),
+                balancedness=_flat(report.balancedness),
+                placement_version=report.placement_version,
+                workers=[_worker_to_pb(w) for w in report.workers],
+                recent_events=[
+                    event_to_pb(e, report.placement_version, now) for e in list(report.events)[-RECENT_EVENTS:]
+                ],
+            )
+
+        return await self._call(context, request.model, "GetLoad", get)
+
+    async def GetPlacement(self, request, context):
+        async def get(admin: AdminOperations) -> admin_pb2.PlacementResponse:
+            return admin_pb2.PlacementResponse(model=admin.name, placement=placement_to_pb(admin.placement))
+
+        return await self._call(context, request.model, "GetPlacement", get)
+
+    async def PlanPlacement(self, request, context):
+        async def plan(admin: AdminOperations) -> admin_pb2.PlanResponse:
+            load = np.asarray(request.load, dtype=np.float64) if len(request.load) else None
+            report = admin.plan(load)
+            changes = [admin_pb2.ReplicaChange(worker=w, expert=e, added=True) for w, e in report.added]
+            changes += [admin_pb2.ReplicaChange(worker=w, expert=e, added=False) for w, e in report.removed]
+            return admin_pb2.PlanResponse(
+                current=placement_to_pb(report.current),
+                proposed=placement_to_pb(report.proposed),
+                moves=report.moves,
+                balancedness_current=_flat(report.balancedness_current),
+                balancedness_proposed=_flat(report.balancedness_proposed),
+                changes=changes,
+            )
+
+        return await self._call(context, request.model, "PlanPlacement", plan)
+
+    async def ApplyPlacement(self, request, context):
+        async def apply(admin: AdminOperations) -> admin_pb2.RebalanceEvent:
+            if not request.HasField("placement"):
+                raise invalid("ApplyPlacement needs a placement; the request has none")
+            event = await admin.apply(placement_from_pb(request.placement))
+            return event_to_pb(event, admin.placement.version, self._clock())
+
+        return await self._call(context, request.model, "ApplyPlacement", apply)
+
+    async def Rebalance(self, request, context):
+        async def rebalance(admin: AdminOperations) -> admin_pb2.RebalanceEvent:
+            event = await admin.rebalance(force=request.force)
+            return event_to_pb(event, admin.placement.version, self._clock())
+
+        return await self._call(context, request.model, "Rebalance", rebalance)
