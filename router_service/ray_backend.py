@@ -24,5 +24,5 @@ class RayExpertBackend:
 
     def forward(self, shared_x: Any, request: WorkerRequest) -> ray.ObjectRef:
         return self._handles[request.worker].forward.remote(
-            shared_x, request.slot_ids, request.offsets, request.token_idx, request.weights
+            shared_x, request.expert_ids, request.offsets, request.token_idx, request.weights
         )
