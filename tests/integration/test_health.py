@@ -106,10 +106,10 @@ def test_worker_actors_are_named_in_the_configured_namespace(main_server: Served
     assert not expected & _named_actors("moe-serve"), "workers leaked into the default namespace"
 
 
-def test_workers_report_their_slots(main_server: Served) -> None:
+def test_workers_report_their_replicas(main_server: Served) -> None:
     stats = main_server.deployment.pool.stats()
     assert [s["index"] for s in stats] == list(range(main_server.config.workers.count))
-    assert sum(s["slots"] for s in stats) == main_server.spec.num_logical_experts
+    assert sum(s["replicas"] for s in stats) == main_server.spec.num_logical_experts
 
 
 def test_not_serving_while_draining_then_stop_releases_workers_and_port(deploy_served, server_loop) -> None:
