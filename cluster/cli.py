@@ -56,10 +56,11 @@ def _infer_parser(sub) -> None:
 
 def _demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="start a local cluster with a small random model and drive it")
-    p.add_argument("--requests", type=int, default=64, help="requests to send")
+    p.add_argument("--requests", type=int, default=400, help="requests to send")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
     p.add_argument("--tokens", type=int, default=128, help="tokens per request")
     p.add_argument("--workers", type=int, default=2, help="expert shard workers")
+    p.add_argument("--zipf-s", type=float, default=1.2, help="skew of the traffic (Zipf exponent; 0: uniform)")
 
 
 def cmd_serve(args) -> int:
@@ -128,13 +129,13 @@ def cmd_infer(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from cluster.demo import run_demo
+    from cluster.demo import demo_config, run_demo
     from cluster.launcher import connect_ray
 
-    config = ServeConfig().with_overrides(**{"router.port": 0, "workers.count": args.workers})
+    config = demo_config(args.workers)
     connect_ray(config.ray, num_cpus=max(2, os.cpu_count() or 2))
-    report = asyncio.run(run_demo(config, args.requests, args.concurrency, args.tokens))
-    return 0 if report.max_rel_error < 1e-5 else 1
+    report = asyncio.run(run_demo(config, args.requests, args.concurrency, args.tokens, args.zipf_s))
+    return 0 if report.max_rel_error < 1e-5 and report.failed == 0 else 1
 
 
 def _admin_options() -> argparse.ArgumentParser:
@@ -173,32 +174,14 @@ def _admin(args):
     return AdminClient(args.address, timeout_s=args.timeout_s)
 
 
-def _event_dict(event) -> dict:
-    return {f.name: getattr(event, f.name) for f in event.DESCRIPTOR.fields}
-
-
-def _load_dict(response) -> dict:
-    from router_service.admin_client import tokens_per_s, window_tokens
-
-    workers = []
-    for w in response.workers:
-        entry = {f.name: getattr(w, f.name) for f in w.DESCRIPTOR.fields if f.name != "replica_tokens"}
-        workers.append({**entry, "replica_tokens": {str(e): n for e, n in sorted(w.replica_tokens.items())}})
-    return {
-        "model": response.model, "layers": list(response.layers), "num_experts": response.num_experts,
-        "window_s": response.window_s, "placement_version": response.placement_version,
-        "window_tokens": window_tokens(response).tolist(), "tokens_per_s": tokens_per_s(response).tolist(),
-        "balancedness": list(response.balancedness), "workers": workers,
-        "recent_events": [_event_dict(e) for e in response.recent_events],
-    }
-
-
 def _print_json(data: dict) -> None:
     print(json.dumps(data, indent=2))
 
 
 def _print_event(event, as_json: bool = False) -> None:
-    data = _event_dict(event)
+    from router_service.admin_client import event_to_dict
+
+    data = event_to_dict(event)
     if as_json:
         _print_json(data)
         return
@@ -214,8 +197,10 @@ def _print_event(event, as_json: bool = False) -> None:
 
 
 def cmd_load(args) -> int:
+    from router_service.admin_client import load_to_dict
+
     with _admin(args) as admin:
-        data = _load_dict(admin.load(args.model))
+        data = load_to_dict(admin.load(args.model))
     if args.json:
         _print_json(data)
         return 0

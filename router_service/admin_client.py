@@ -70,3 +70,23 @@ class AdminClient:
 
     def rebalance(self, model: str, force: bool = False) -> admin_pb2.RebalanceEvent:
         return self._stub.Rebalance(admin_pb2.RebalanceRequest(model=model, force=force), timeout=self.timeout_s)
+
+
+def event_to_dict(event: admin_pb2.RebalanceEvent) -> dict:
+    """A rebalance event as a plain dict (for JSON and tables)."""
+    return {f.name: getattr(event, f.name) for f in event.DESCRIPTOR.fields}
+
+
+def load_to_dict(response: admin_pb2.LoadResponse) -> dict:
+    """A load report as a plain dict (for JSON and tables); arrays as nested lists."""
+    workers = []
+    for w in response.workers:
+        entry = {f.name: getattr(w, f.name) for f in w.DESCRIPTOR.fields if f.name != "replica_tokens"}
+        workers.append({**entry, "replica_tokens": {str(e): n for e, n in sorted(w.replica_tokens.items())}})
+    return {
+        "model": response.model, "layers": list(response.layers), "num_experts": response.num_experts,
+        "window_s": response.window_s, "placement_version": response.placement_version,
+        "window_tokens": window_tokens(response).tolist(), "tokens_per_s": tokens_per_s(response).tolist(),
+        "balancedness": list(response.balancedness), "workers": workers,
+        "recent_events": [event_to_dict(e) for e in response.recent_events],
+    }

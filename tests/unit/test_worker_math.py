@@ -245,7 +245,6 @@ def test_repr_and_ready(worker: ExpertWorker) -> None:
     assert (ready["index"], ready["device"]) == (3, "cpu")
     assert isinstance(ready["pid"], int)
     if ray.is_initialized():  # the unit tier may share a process with an integration session
-
         assert ready["node_id"] == ray.get_runtime_context().get_node_id()
     else:
         assert ready["node_id"] == "local", "outside Ray the worker names no node"

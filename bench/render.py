@@ -1,0 +1,30 @@
+"""Render a `bench_serving` JSON file as the README's markdown table.
+
+    .venv/bin/python -m bench.render bench/results/serving.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def serving_table(report: dict) -> str:
+    lines = [
+        "| model | tokens/request | concurrency | reference tok/s | served tok/s | naive tok/s | served / reference | served / naive | served p50 / p99 ms | router CPU share |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, config in report["configs"].items():
+        for p in config["points"]:
+            s = p["served"]
+            lines.append(
+                f"| {name} | {p['tokens']} | {p['concurrency']} | {p['reference']['tokens_per_s']:,.0f} | "
+                f"{s['tokens_per_s']:,.0f} | {p['naive']['tokens_per_s']:,.0f} | {p['served_vs_reference']:.2f} | "
+                f"{p['served_vs_naive']:.2f} | {s['p50_ms']:,.0f} / {s['p99_ms']:,.0f} | {s['router_cpu_fraction']:.1%} |"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        print(serving_table(json.load(f)))
