@@ -179,3 +179,15 @@ def test_infer_with_an_input_file_of_the_wrong_dtype_exits_2_with_a_message(tmp_
     assert "Traceback" not in output, output
     assert done.returncode == 2, output
     assert "error:" in output and "float64" in output, output
+
+
+def test_demo_replicates_hot_experts_and_serves_every_request_exactly() -> None:
+    """The main job: `moe-serve demo` on its own embedded Ray, end to end."""
+    done = subprocess.run(
+        [MOE_SERVE, "demo", "--requests", "240", "--tokens", "96"],
+        capture_output=True, text=True, env={**_env(), "COLUMNS": "200"}, timeout=240,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert "240 / 0" in out  # requests served / failed
+    assert "placement of moe (v0)" in out and "rebalance events" in out, out[-3000:]
