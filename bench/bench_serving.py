@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -30,6 +29,7 @@ import ray
 import torch
 
 from bench.naive import NaiveMoE
+from bench.render import emit
 from cluster.config import RayConfig, ServeConfig
 from cluster.launcher import connect_ray, deploy
 from workers.reference import ReferenceMoE
@@ -198,11 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.configs.split(","):
         print(f"# benchmarking {name} ...", file=sys.stderr, flush=True)
         report["configs"][name] = bench_config(name, CONFIGS[name], args)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit(report, args.out)
     ray.shutdown()
     return 0
 

@@ -15,7 +15,6 @@ hidden states that the real gate routes to Zipf-distributed experts (`cluster.tr
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -25,6 +24,7 @@ import numpy as np
 import ray
 
 from bench.bench_serving import ServedModel
+from bench.render import emit
 from cluster.config import RayConfig, ServeConfig
 from cluster.launcher import connect_ray, weights_for
 from cluster.planner import layer_balancedness
@@ -193,11 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         and report["rotation"]["balancedness_again_0_9_after_s"] <= 10,
         "zero_failed_requests": report["failed_requests"] == 0,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit(report, args.out)
     ray.shutdown()
     return 0
 

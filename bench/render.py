@@ -1,4 +1,4 @@
-"""Render a `bench_serving` JSON file as the README's markdown table.
+"""Benchmark output: JSON reports, and the README's markdown table from a `bench_serving` file.
 
     .venv/bin/python -m bench.render bench/results/serving.json
 """
@@ -7,6 +7,15 @@ from __future__ import annotations
 
 import json
 import sys
+
+
+def emit(report: dict, out: str | None) -> None:
+    """Print a benchmark's JSON report, and write it to `out` too when given."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
 
 
 def serving_table(report: dict) -> str:

@@ -11,8 +11,6 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cluster.model_spec import ModelSpec
-from cluster.placement import Placement
 
 console = Console(stderr=False)
 
@@ -30,14 +28,6 @@ def load_progress(description: str = "loading expert weights") -> Iterator:
             bar.update(task, completed=done, total=total)
 
         yield update
-
-
-def expert_load_table(spec: ModelSpec, expert_tokens: np.ndarray, title: str = "tokens per expert") -> Table:
-    """expert_tokens: `[num_moe_layers, E]`; one row per layer, the hottest expert in bold.
-    The last column is the experts' own balance (mean / max over the layer's experts)."""
-    rows = np.asarray(expert_tokens)
-    balance = [float(r.mean() / r.max()) if r.max() else 1.0 for r in rows]
-    return layer_expert_table(spec.moe_layers, rows, title, balance, "balance")
 
 
 def layer_expert_table(layers: Sequence[int], values: np.ndarray, title: str,
@@ -65,17 +55,6 @@ def layer_expert_table(layers: Sequence[int], values: np.ndarray, title: str,
 def expert_label(logical: int, layers: Sequence[int], num_experts: int) -> str:
     """`layer:expert` of a global logical expert id (`moe_index * num_experts + e`)."""
     return f"{layers[logical // num_experts]}:{logical % num_experts}"
-
-
-def worker_table(spec: ModelSpec, placement: Placement, stats: list[dict]) -> Table:
-    table = Table(title=f"workers (placement v{placement.version})")
-    for col in ("worker", "experts (layer:expert)", "tokens", "calls", "busy s"):
-        table.add_column(col, justify="left" if col.startswith("experts") else "right")
-    E = spec.num_experts
-    for s in stats:
-        hosted = [f"{spec.moe_layers[g // E]}:{g % E}" for _, g in placement.experts_of(s["index"])]
-        table.add_row(str(s["index"]), " ".join(hosted), str(s["tokens"]), str(s["calls"]), f"{s['busy_s']:.2f}")
-    return table
 
 
 def summary_table(title: str, rows: dict[str, str]) -> Table:
