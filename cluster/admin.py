@@ -80,8 +80,7 @@ class ModelAdmin:
             load = self._load(self._clock()).expert_tokens.astype(np.float64)
         current = self.placement
         proposed = self._controller.plan(load)
-        have = {(w, e) for w, row in enumerate(current.slots) for e in row if e >= 0}
-        want = {(w, e) for w, row in enumerate(proposed.slots) for e in row if e >= 0}
+        have, want = current.replica_set, proposed.replica_set
         return PlanReport(
             current, proposed, count_moves(current, proposed),
             layer_balancedness(current, load), layer_balancedness(proposed, load),

@@ -18,7 +18,6 @@ import numpy as np
 
 from cluster.config import RebalanceConfig
 from cluster.load_stats import LoadSnapshot
-from cluster.migration import replicas
 from cluster.placement import Placement
 from cluster.placement_store import PlacementStore
 from cluster.planner import count_moves, layer_balancedness, plan_placement
@@ -120,7 +119,7 @@ class Controller:
             event = RebalanceEvent(now, f"skipped: plan gains {planned - before:.3f} < min_gain {self.config.min_gain}", before, planned, moves, None)
             self.state = replace(self.state, floor=before - self.config.hysteresis)
         else:
-            changes = replicas(target) != replicas(self._store.current)
+            changes = target.replica_set != self._store.current.replica_set
             report = await self._rebalancer.apply(target) if changes else None
             event = RebalanceEvent(now, reason if changes else f"{reason}: the plan is the placement in service", before, planned, moves, report)
             self.state = replace(self.state, floor=planned - self.config.hysteresis)
@@ -132,7 +131,7 @@ class Controller:
         """Move to a given placement (e.g. imported from a file), make-before-break."""
         before = float(self.balancedness().min())
         moves = count_moves(self._store.current, target)
-        if replicas(target) == replicas(self._store.current):
+        if target.replica_set == self._store.current.replica_set:
             event = RebalanceEvent(self._clock(), "already in service: nothing to move", before, before, 0, None)
             self.events.append(event)
             return event

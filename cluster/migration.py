@@ -39,10 +39,6 @@ class MigrationPlan:
         return sum(len(s.releases) for s in self.steps)
 
 
-def replicas(placement: Placement) -> set[Replica]:
-    return {(w, e) for w, row in enumerate(placement.slots) for e in row if e != EMPTY}
-
-
 def plan_migration(old: Placement, new: Placement, max_loads_per_step: int = 8) -> MigrationPlan:
     """Steps from `old` to `new`; versions run `old.version + 1 ...`, the last is `new`'s rows."""
     if max_loads_per_step < 1:
@@ -52,7 +48,7 @@ def plan_migration(old: Placement, new: Placement, max_loads_per_step: int = 8) 
             f"placements differ in shape: {old.num_logical_experts} experts x {old.num_workers} "
             f"workers vs {new.num_logical_experts} x {new.num_workers}"
         )
-    have, want = replicas(old), replicas(new)
+    have, want = set(old.replica_set), set(new.replica_set)
     if have == want:
         return MigrationPlan(())
     to_load = sorted(want - have, key=lambda r: (r[1], r[0]))

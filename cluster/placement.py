@@ -136,6 +136,11 @@ class Placement:
         slots = np.array([r[0][1] for r in self.replicas], dtype=np.int64)
         return workers, slots
 
+    @cached_property
+    def replica_set(self) -> frozenset[tuple[int, int]]:
+        """Every replica as `(worker, logical expert)`; slot positions left out."""
+        return frozenset((w, e) for w, row in enumerate(self.slots) for e in row if e != EMPTY)
+
     def experts_of(self, worker: int) -> list[tuple[int, int]]:
         """`[(slot, logical expert)]` hosted by `worker`, empty slots left out."""
         return [(s, e) for s, e in enumerate(self.slots[worker]) if e != EMPTY]

@@ -120,11 +120,7 @@ def count_moves(old: Placement, new: Placement) -> int:
             f"placements number different logical experts: {old.num_logical_experts} vs "
             f"{new.num_logical_experts}"
         )
-    moves = 0
-    for w, row in enumerate(new.slots):
-        before = set(old.slots[w]) if w < old.num_workers else set()
-        moves += len(set(row) - before - {EMPTY})
-    return moves
+    return len(new.replica_set - old.replica_set)
 
 
 # ---- input checks ---------------------------------------------------------------------------

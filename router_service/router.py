@@ -31,7 +31,6 @@ class ModelRouter:
         self.load = SlidingWindowLoad(self.spec.num_moe_layers, self.spec.num_experts, window_s,
                                       bucket_s=min(1.0, window_s / 10))
         self._clock = clock
-        self.requests_served = 0
         self.batches_served = 0
         self._layer = layer
         self._batcher = Batcher(self._forward, **batcher_options)
@@ -49,9 +48,7 @@ class ModelRouter:
 
     async def infer(self, layer: int, hidden: torch.Tensor) -> RequestResult:
         """hidden: `[t, H]` float32, already checked against the spec."""
-        result = await self._batcher.submit(layer, hidden)
-        self.requests_served += 1
-        return result
+        return await self._batcher.submit(layer, hidden)
 
     def outstanding_tokens_now(self) -> np.ndarray:
         """`[W]` tokens each worker has in hand (queued or running) from this router."""

@@ -5,7 +5,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from cluster.migration import plan_migration, replicas
+from cluster.migration import plan_migration
 from cluster.placement import EMPTY, Placement
 from cluster.placement_store import PlacementStore
 
@@ -28,7 +28,7 @@ def test_golden_add_a_replica_then_move_one():
     step = plan.steps[0]
     assert sorted(step.loads) == [(0, 3), (1, 0)]
     assert step.releases == ((1, 3),)
-    assert replicas(step.placement) == replicas(new)
+    assert step.placement.replica_set == new.replica_set
     assert step.placement.version == 1
 
 
@@ -50,20 +50,20 @@ def test_invariants_over_random_moves(chunk, seed):
 
     old, new = random_placement(7), random_placement(8)
     plan = plan_migration(old, new, chunk)
-    have = replicas(old)
+    have = set(old.replica_set)
     version = old.version
     for step in plan.steps:
         assert len(step.loads) <= chunk
         assert not set(step.loads) & have  # only new replicas are loaded
         have |= set(step.loads)
-        assert replicas(step.placement) | set(step.releases) == have  # publish uses loaded ones only
+        assert step.placement.replica_set | set(step.releases) == have  # publish uses loaded ones only
         have -= set(step.releases)
         assert step.placement.version == version + 1  # versions go up one by one
         version += 1
         assert (step.placement.replica_counts >= 1).all()  # every expert stays served
-    assert have == replicas(new)
-    assert plan.loads == len(replicas(new) - replicas(old))
-    assert plan.releases == len(replicas(old) - replicas(new))
+    assert have == new.replica_set
+    assert plan.loads == len(new.replica_set - old.replica_set)
+    assert plan.releases == len(old.replica_set - new.replica_set)
 
 
 @pytest.mark.parametrize(
