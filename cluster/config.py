@@ -70,12 +70,39 @@ class ModelConfig(_Section):
 
 
 class WorkersConfig(_Section):
-    count: Annotated[int, Field(ge=1, description="expert shard workers (Ray actors)")] = 2
+    count: Annotated[int, Field(ge=1, description="expert shard workers (Ray actors) to start with")] = 2
+    min_workers: Annotated[int | None, Field(ge=1, description="fewest workers the autoscaler keeps; default: count")] = None
+    max_workers: Annotated[int | None, Field(ge=1, description="most workers the autoscaler starts; default: count")] = None
     slots_per_worker: Annotated[int | None, Field(ge=1, description="replica slots per worker (memory budget); default: one replica of every expert plus 25% room for hot-expert replicas")] = None
     num_gpus: Annotated[Literal["auto"] | Annotated[float, Field(ge=0)], Field(description="GPUs per worker; auto: 1 when the cluster has GPUs, else 0")] = "auto"
     num_cpus: Annotated[float, Field(ge=0, description="CPUs Ray reserves per worker (fractional allowed)")] = 0.5
     torch_threads: Annotated[int, Field(ge=1, description="torch intra-op threads per worker")] = 1
     device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="where expert math runs")] = "auto"
+    resources: Annotated[dict[str, Annotated[float, Field(gt=0)]], Field(description="custom Ray resources per worker, e.g. {expert_worker: 1} to land on the cluster's expert-worker nodes")] = {}
+
+    @model_validator(mode="after")
+    def _bounds_hold_count(self) -> WorkersConfig:
+        low, high = self.bounds
+        if self.min_workers is not None and self.max_workers is not None and low > high:
+            raise ValueError(f"workers.min_workers ({low}) exceeds workers.max_workers ({high})")
+        if self.count < low:
+            raise ValueError(f"workers.count ({self.count}) is below workers.min_workers ({low})")
+        if self.count > high:
+            raise ValueError(f"workers.count ({self.count}) exceeds workers.max_workers ({high})")
+        reserved = {"CPU", "GPU", "memory", "object_store_memory"} & set(self.resources)
+        if reserved:
+            raise ValueError(
+                f"workers.resources may only name custom resources; set {sorted(reserved)} with "
+                f"workers.num_cpus / workers.num_gpus"
+            )
+        return self
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """(fewest, most) workers; each defaults to `count`."""
+        low = self.count if self.min_workers is None else self.min_workers
+        high = self.count if self.max_workers is None else self.max_workers
+        return low, high
 
 
 class RebalanceConfig(_Section):
@@ -103,6 +130,24 @@ class RebalanceConfig(_Section):
         return self
 
 
+class AutoscalingConfig(_Section):
+    """When to add or remove expert shard workers (and, through Ray's autoscaler, GPU nodes).
+
+    Load is counted in expert-tokens: a token routed to k experts counts k times. The worker
+    count stays within `workers.min_workers` and `workers.max_workers`.
+    """
+
+    enabled: Annotated[bool, Field(description="add and remove workers from live load")] = False
+    target_tokens_per_s_per_worker: Annotated[float, Field(gt=0, description="expert-tokens per second one worker should carry; more load per worker scales out")] = 20000.0
+    max_queue_delay_ms: Annotated[float, Field(gt=0, description="scale out when requests wait longer than this in the router's queue (p90 over the window)")] = 200.0
+    downscale_utilization: Annotated[float, Field(gt=0, le=1, description="scale in only while one worker fewer would still carry less than this fraction of the target")] = 0.6
+    upscale_delay_s: Annotated[float, Field(ge=0, description="how long the load must call for more workers before they are added")] = 5.0
+    downscale_delay_s: Annotated[float, Field(ge=0, description="how long the load must allow fewer workers before one is removed")] = 60.0
+    max_step: Annotated[int, Field(ge=1, description="most workers added or removed by one decision")] = 4
+    check_interval_s: Annotated[float, Field(gt=0, description="how often the autoscaler looks at the load")] = 1.0
+    start_timeout_s: Annotated[float, Field(gt=0, description="give up on a new worker that has no node to run on after this long (cloud nodes take minutes)")] = 600.0
+
+
 class RouterConfig(_Section):
     host: Annotated[str, Field(description="address the gRPC server binds; 0.0.0.0 exposes it")] = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535, description="gRPC port; 0 picks a free one")] = 8001
@@ -123,7 +168,23 @@ class ServeConfig(_Section):
     workers: WorkersConfig = WorkersConfig()
     router: RouterConfig = RouterConfig()
     rebalance: RebalanceConfig = RebalanceConfig()
+    autoscaling: AutoscalingConfig = AutoscalingConfig()
     ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _sections_agree(self) -> ServeConfig:
+        low, high = self.workers.bounds
+        if self.rebalance.min_replicas > low:
+            raise ValueError(
+                f"rebalance.min_replicas ({self.rebalance.min_replicas}) exceeds workers.min_workers "
+                f"({low}): replicas of one expert sit on distinct workers"
+            )
+        if self.autoscaling.enabled and low == high:
+            raise ValueError(
+                f"autoscaling.enabled is true but workers.min_workers ({low}) equals "
+                f"workers.max_workers ({high}): set a range to scale within"
+            )
+        return self
 
     def with_overrides(self, **dotted: object) -> ServeConfig:
         """`with_overrides(**{"router.port": 0})`; None values are ignored. Re-validated."""

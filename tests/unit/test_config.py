@@ -224,3 +224,81 @@ def test_checkpoint_override_clears_random(tmp_path: Path) -> None:
 
 def test_validate_config_accepts_none() -> None:
     assert validate_config(None) == ServeConfig()
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker bounds and autoscaling
+# ---------------------------------------------------------------------------------------------
+
+
+def test_autoscaling_file_loads(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, """
+workers:
+  count: 2
+  min_workers: 1
+  max_workers: 16
+  num_gpus: 1
+  resources: {expert_worker: 1}
+autoscaling:
+  enabled: true
+  target_tokens_per_s_per_worker: 50000
+  max_queue_delay_ms: 80
+  upscale_delay_s: 10
+  downscale_delay_s: 300
+"""))
+
+    assert config.workers.bounds == (1, 16)
+    assert config.workers.resources == {"expert_worker": 1.0}
+    assert config.autoscaling.enabled
+    assert config.autoscaling.target_tokens_per_s_per_worker == 50000
+    assert (config.autoscaling.upscale_delay_s, config.autoscaling.downscale_delay_s) == (10, 300)
+    assert config.autoscaling.max_step == 4  # untouched keys keep defaults
+
+
+def test_bounds_default_to_the_count() -> None:
+    assert ServeConfig().workers.bounds == (2, 2)
+    assert ServeConfig().with_overrides(**{"workers.count": 5}).workers.bounds == (5, 5)
+    assert not ServeConfig().autoscaling.enabled
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param("workers: {count: 2, min_workers: 4, max_workers: 3}\n",
+                     "workers.min_workers (4) exceeds workers.max_workers (3)", id="min-above-max"),
+        pytest.param("workers: {count: 1, min_workers: 2, max_workers: 4}\n",
+                     "workers.count (1) is below workers.min_workers (2)", id="count-below-min"),
+        pytest.param("workers: {count: 5, max_workers: 4}\n",
+                     "workers.count (5) exceeds workers.max_workers (4)", id="count-above-max"),
+        pytest.param("workers: {resources: {GPU: 1}}\n",
+                     "workers.resources may only name custom resources; set ['GPU'] with", id="reserved-resource"),
+        pytest.param("autoscaling: {enabled: true}\n",
+                     "autoscaling.enabled is true but workers.min_workers (2) equals workers.max_workers (2)",
+                     id="autoscaling-without-range"),
+        pytest.param("workers: {count: 2, min_workers: 1, max_workers: 3}\nrebalance: {min_replicas: 2}\n",
+                     "rebalance.min_replicas (2) exceeds workers.min_workers (1)", id="replicas-above-min-workers"),
+    ],
+)  # fmt: skip
+def test_inconsistent_pairs_name_both_keys_and_values(tmp_path: Path, text: str, message: str) -> None:
+    assert message in config_error(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "detail"),
+    [
+        pytest.param("autoscaling: {target_tps: 5}\n", "autoscaling.target_tps", "Extra inputs", id="unknown-key"),
+        pytest.param("autoscaling: {target_tokens_per_s_per_worker: 0}\n",
+                     "autoscaling.target_tokens_per_s_per_worker", "greater than 0", id="zero-target"),
+        pytest.param("autoscaling: {downscale_utilization: 1.5}\n", "autoscaling.downscale_utilization",
+                     "less than or equal to 1", id="utilization-above-one"),
+        pytest.param("autoscaling: {upscale_delay_s: soon}\n", "autoscaling.upscale_delay_s", "valid number",
+                     id="delay-wrong-type"),
+        pytest.param("workers: {resources: {expert_worker: -1}}\n", "workers.resources.expert_worker",
+                     "greater than 0", id="negative-resource"),
+        pytest.param("workers: {max_workers: 0}\n", "workers.max_workers", "greater than or equal to 1",
+                     id="zero-max-workers"),
+    ],
+)  # fmt: skip
+def test_autoscaling_mistake_names_the_key(tmp_path: Path, text: str, key: str, detail: str) -> None:
+    message = config_error(write(tmp_path, text))
+    assert re.search(rf"^  {re.escape(key)}: .*{re.escape(detail)}", message, re.MULTILINE), message

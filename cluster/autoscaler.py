@@ -1,0 +1,115 @@
+"""The autoscaler's decision: how many expert shard workers the live load calls for. Pure.
+
+`decide(snapshot, state, now_s, config, bounds)` returns a `ScaleDecision` and the next
+`AutoscaleState`; nothing here reads a clock, calls Ray or sleeps, so every case is a unit test
+with literal numbers. `cluster.scaler.Reconciler` carries a decision out (Ray resource requests,
+new workers, make-before-break placement changes).
+
+The rule, in expert-tokens per second (a token routed to k experts counts k times):
+- **out** when the load per counted worker (serving + pending) is above
+  `target_tokens_per_s_per_worker`, or requests wait longer than `max_queue_delay_ms` in the
+  router's queue: to `ceil(load / target)` workers, at least one more, at most `max_step` more.
+- **in** when one worker fewer would still carry less than `downscale_utilization x target`
+  each, nothing is pending and the queue is short: to `ceil(load / (utilization x target))`,
+  at most `max_step` fewer.
+- The wish must hold for `upscale_delay_s` / `downscale_delay_s` without a break before it is
+  acted on (hysteresis against short bursts); the count stays within `bounds`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from cluster.config import AutoscalingConfig
+
+Action = Literal["out", "in", "hold"]
+
+
+@dataclass(frozen=True)
+class ScaleSnapshot:
+    """What the autoscaler sees at one moment.
+
+    tokens_per_s: expert-tokens routed per second over the load window, all layers together.
+    serving_workers: workers that serve; pending_workers: asked for, not serving yet.
+    queue_delay_ms: how long requests waited in the router's queue (p90 over the window, or
+    the oldest request still queued if longer). balancedness: min over layers of the placement
+    in service (mean / max worker load), for the record. migrating: a placement change runs.
+    """
+
+    tokens_per_s: float
+    serving_workers: int
+    pending_workers: int = 0
+    queue_delay_ms: float = 0.0
+    balancedness: float = 1.0
+    migrating: bool = False
+
+    @property
+    def counted_workers(self) -> int:
+        return self.serving_workers + self.pending_workers
+
+
+@dataclass(frozen=True)
+class AutoscaleState:
+    """wish: the direction the load has asked for since `since_s` without a break (None: none)."""
+
+    wish: Action | None = None
+    since_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class ScaleDecision:
+    """target_workers: the worker count to reach (serving + pending); reason: why, in words."""
+
+    action: Action
+    target_workers: int
+    reason: str
+
+
+def decide(snapshot: ScaleSnapshot, state: AutoscaleState, now_s: float, config: AutoscalingConfig,
+           bounds: tuple[int, int]) -> tuple[ScaleDecision, AutoscaleState]:
+    """The worker count the load calls for now, and the state for the next call. Pure."""
+    low, high = bounds
+    counted = snapshot.counted_workers
+    load = f"{snapshot.tokens_per_s:,.0f} tok/s on {counted} workers"
+    if counted < low:
+        return ScaleDecision("out", low, f"below workers.min_workers ({counted} < {low})"), AutoscaleState()
+    if counted > high:
+        return ScaleDecision("in", high, f"above workers.max_workers ({counted} > {high})"), AutoscaleState()
+    if snapshot.migrating:
+        return ScaleDecision("hold", counted, f"a placement change is running ({load})"), state
+    wish, target, why = _wish(snapshot, config, low, high)
+    if wish == "hold":
+        return ScaleDecision("hold", counted, why), AutoscaleState()
+    if state.wish != wish:
+        state = AutoscaleState(wish, now_s)
+    delay = config.upscale_delay_s if wish == "out" else config.downscale_delay_s
+    waited = now_s - state.since_s
+    if waited < delay:
+        return ScaleDecision("hold", counted, f"{why}; waiting {waited:.1f}s of {delay:g}s"), state
+    return ScaleDecision(wish, target, why), replace(state, wish=None)
+
+
+def _wish(snapshot: ScaleSnapshot, config: AutoscalingConfig, low: int, high: int) -> tuple[Action, int, str]:
+    counted = snapshot.counted_workers
+    target_tps = config.target_tokens_per_s_per_worker
+    per_worker = snapshot.tokens_per_s / max(counted, 1)
+    state = (f"{per_worker:,.0f} tok/s per worker (target {target_tps:,.0f}), queue "
+             f"{snapshot.queue_delay_ms:.0f} ms, balancedness {snapshot.balancedness:.2f}")
+    slow = snapshot.queue_delay_ms > config.max_queue_delay_ms
+    if per_worker > target_tps or slow:
+        if counted >= high:
+            return "hold", counted, f"{state}: at workers.max_workers ({high})"
+        wanted = max(math.ceil(snapshot.tokens_per_s / target_tps), counted + 1)
+        target = min(wanted, counted + config.max_step, high)
+        cause = f"queue delay above {config.max_queue_delay_ms:g} ms" if slow else "load above target"
+        return "out", target, f"{state}: {cause}"
+    floor = config.downscale_utilization * target_tps
+    if counted > low and snapshot.pending_workers == 0 and counted > 1 \
+            and snapshot.tokens_per_s / (counted - 1) < floor \
+            and snapshot.queue_delay_ms <= config.downscale_utilization * config.max_queue_delay_ms:
+        wanted = max(math.ceil(snapshot.tokens_per_s / floor), 1)
+        target = max(wanted, counted - config.max_step, low)
+        return "in", target, f"{state}: {counted - 1} workers would carry < {floor:,.0f} tok/s each"
+    return "hold", counted, state
