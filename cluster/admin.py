@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -14,8 +15,14 @@ from cluster.controller import Controller, RebalanceEvent
 from cluster.load_stats import LoadSnapshot
 from cluster.model_spec import ModelSpec
 from cluster.placement import Placement
-from cluster.placement_store import PlacementStore
 from cluster.planner import count_moves, layer_balancedness
+
+
+class PlacementSource(Protocol):
+    """Where the placement in service is read (a `PlacementHub`, or a router's `PlacementStore`)."""
+
+    @property
+    def current(self) -> Placement: ...
 
 
 @dataclass(frozen=True)
@@ -42,10 +49,13 @@ class PlanReport:
 
 
 class ModelAdmin:
-    def __init__(self, name: str, spec: ModelSpec, placements: PlacementStore, controller: Controller,
+    def __init__(self, name: str, spec: ModelSpec, placements: PlacementSource, controller: Controller,
                  load: Callable[[float], LoadSnapshot], worker_stats: Callable[[], Awaitable[list[dict]]],
-                 outstanding: Callable[[], np.ndarray], clock: Callable[[], float] = time.monotonic):
+                 outstanding: Callable[[], np.ndarray], clock: Callable[[], float] = time.monotonic,
+                 refresh: Callable[[], Awaitable[None]] | None = None):
+        """refresh: collects the routers' latest load before a report (None: the load is live)."""
         self.name = name
+        self._refresh = refresh
         self.spec = spec
         self._placements = placements
         self._controller = controller
@@ -62,6 +72,8 @@ class ModelAdmin:
         return self._placements.current
 
     async def load_report(self) -> LoadReport:
+        if self._refresh is not None:
+            await self._refresh()
         snapshot = self._load(self._clock())
         workers = await self._worker_stats()
         outstanding = self._outstanding()

@@ -1,5 +1,6 @@
-"""`moe-serve`: serve a model, send it requests, run the demo, or look at and change a running
-model's load and placement (`load`, `placement show|plan|apply|export|import`, `rebalance`)."""
+"""`moe-serve`: serve a model, send it requests, run the demo, look at and change a running
+model's load and placement (`load`, `placement show|plan|apply|export|import`, `rebalance`), or
+run it as a long-lived service on a Ray cluster (`deploy`, `status`, `scale`, `shutdown`)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from cluster.console import (
     worker_load_table,
 )
 from cluster.placement import Placement
+from cluster.service_cli import HANDLERS as SERVICE_HANDLERS, add_service_parsers
 
 
 def _serve_parser(sub) -> None:
@@ -324,10 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     _infer_parser(sub)
     _demo_parser(sub)
     _admin_parsers(sub)
+    add_service_parsers(sub)
     args = parser.parse_args(argv)
     handlers = {
         "serve": cmd_serve, "infer": cmd_infer, "demo": cmd_demo,
-        "load": cmd_load, "placement": cmd_placement, "rebalance": cmd_rebalance,
+        "load": cmd_load, "placement": cmd_placement, "rebalance": cmd_rebalance, **SERVICE_HANDLERS,
     }
     try:
         return handlers[args.command](args)

@@ -156,6 +156,7 @@ class RouterConfig(_Section):
     max_inflight_batches: Annotated[int, Field(ge=1, description="batches in the workers at once per layer")] = 2
     max_message_mb: Annotated[int, Field(ge=1, description="largest request or response message")] = 256
     torch_threads: Annotated[int, Field(ge=1, description="torch threads in the router (gate, combine)")] = 1
+    num_cpus: Annotated[float, Field(ge=0, description="CPUs Ray reserves for the router actor (moe-serve deploy)")] = 1.0
 
 
 class RayConfig(_Section):

@@ -122,3 +122,39 @@ def plan_tables(plan: dict, layers: Sequence[int], num_experts: int) -> tuple[Ta
     for i, layer in enumerate(layers):
         balance.add_row(str(layer), f"{plan['balancedness_current'][i]:.3f}", f"{plan['balancedness_proposed'][i]:.3f}")
     return changes, balance
+
+
+def scale_events_table(events: list[dict], title: str = "recent scaling events") -> Table:
+    """events: dicts with `age_s, action, from_workers, to_workers, moves, duration_s, reason`."""
+    table = Table(title=title)
+    for col in ("age s", "action", "workers", "moves", "took s", "reason"):
+        table.add_column(col, justify="left" if col == "reason" else "right")
+    colour = {"out": "green", "in": "yellow", "failed": "red"}
+    for e in events:
+        action = e["action"]
+        table.add_row(
+            f"{e['age_s']:.1f}", f"[{colour.get(action, 'white')}]{action}[/]",
+            f"{e['from_workers']} -> {e['to_workers']}", str(e["moves"]), f"{e['duration_s']:.2f}",
+            escape(e["reason"]),
+        )
+    return table
+
+
+def service_summary(status: dict) -> Table:
+    """The headline of `moe-serve status`: where it serves, how many workers, what the
+    autoscaler last decided and why."""
+    decision = status["autoscaler"]["decision"]
+    low, high = status["bounds"]
+    rows = {
+        "router": str(status.get("address")),
+        "placement version": f"v{status['placement_version']}",
+        "workers (serving / pending)": f"{len(status['workers'])} / {status['pending_workers']}  (bounds {low}..{high})",
+        "worker resources": ", ".join(f"{k}={v:g}" for k, v in status["worker_bundle"].items()),
+        "load": f"{status['tokens_per_s']:,.0f} expert-tokens/s over {status['window_s']:.1f}s",
+        "queue delay (p90)": f"{status['queue_delay_ms']:.1f} ms",
+        "balancedness (min layer)": f"{min(status['balancedness']):.3f}",
+        "autoscaler": status["autoscaler"]["mode"],
+    }
+    if decision is not None:
+        rows["last decision"] = escape(f"{decision['action']} -> {decision['target_workers']}: {decision['reason']}")
+    return summary_table(f"moe-serve: {status['model']}", rows)

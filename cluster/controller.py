@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -19,7 +19,7 @@ import numpy as np
 from cluster.config import RebalanceConfig
 from cluster.load_stats import LoadSnapshot
 from cluster.placement import Placement
-from cluster.placement_store import PlacementStore
+from cluster.placement_hub import PlacementHub
 from cluster.planner import count_moves, layer_balancedness, plan_placement
 from cluster.rebalancer import MigrationReport, Rebalancer
 
@@ -64,11 +64,13 @@ class RebalanceEvent:
 
 
 class Controller:
-    def __init__(self, store: PlacementStore, load: Callable[[float], LoadSnapshot], rebalancer: Rebalancer,
+    def __init__(self, hub: PlacementHub, load: Callable[[float], LoadSnapshot], rebalancer: Rebalancer,
                  capacity: Sequence[int], config: RebalanceConfig, worker_nodes: Sequence[str] | None = None,
-                 clock: Callable[[], float] = time.monotonic):
-        self._store = store
+                 clock: Callable[[], float] = time.monotonic,
+                 refresh: Callable[[], Awaitable[None]] | None = None):
+        self._hub = hub
         self._load = load
+        self._refresh = refresh
         self._rebalancer = rebalancer
         self.capacity = list(capacity)
         self.config = config
@@ -77,21 +79,37 @@ class Controller:
         self.state = RebalanceState()
         self.events: deque[RebalanceEvent] = deque(maxlen=200)
         self._task: asyncio.Task | None = None
+        self._lock = asyncio.Lock()
+
+    def exclusive(self) -> asyncio.Lock:
+        """Held while the controller plans and moves; a scaler holds it to change the workers."""
+        return self._lock
 
     def __repr__(self) -> str:
-        return f"Controller(version={self._store.current.version}, events={len(self.events)})"
+        return f"Controller(version={self._hub.current.version}, events={len(self.events)})"
 
     def balancedness(self, snapshot: LoadSnapshot | None = None) -> np.ndarray:
         """`[L]` live balancedness of the placement in service under the recent load."""
         snapshot = snapshot or self._load(self._clock())
-        return layer_balancedness(self._store.current, snapshot.expert_tokens)
+        return layer_balancedness(self._hub.current, snapshot.expert_tokens)
 
-    def plan(self, load: np.ndarray | None = None) -> Placement:
-        """A dry run: the placement the planner would choose for `load` `[L, E]` (default: recent)."""
+    def resize(self, capacity: Sequence[int], worker_nodes: Sequence[str] | None) -> None:
+        """The workers changed (scaling): `[W]` slots and node per worker from now on."""
+        self.capacity = list(capacity)
+        self._nodes = list(worker_nodes) if worker_nodes is not None else None
+
+    def plan(self, load: np.ndarray | None = None, capacity: Sequence[int] | None = None) -> Placement:
+        """A dry run: the placement the planner would choose for `load` `[L, E]` (default:
+        recent) over `capacity` `[W]` slots per worker (default: the workers in service; 0
+        empties a worker). The workers in service keep their index."""
         if load is None:
             load = self._load(self._clock()).expert_tokens
+        capacity = self.capacity if capacity is None else list(capacity)
+        current = self._hub.current
+        if len(capacity) != current.num_workers:
+            current = current.resized(len(capacity), 0, current.version)
         return plan_placement(
-            np.asarray(load, dtype=np.float64), self.capacity, self._store.current,
+            np.asarray(load, dtype=np.float64), capacity, current,
             min_replicas=self.config.min_replicas, policy=self.config.policy, worker_nodes=self._nodes,
         )
 
@@ -101,6 +119,12 @@ class Controller:
         Returns the event when it acted or skipped a plan; with `explain`, also (unrecorded) why
         it did not plan at all.
         """
+        if self._refresh is not None:
+            await self._refresh()
+        async with self._lock:
+            return await self._check(force, explain)
+
+    async def _check(self, force: bool, explain: bool) -> RebalanceEvent | None:
         now = self._clock()
         snapshot = self._load(now)
         before = float(self.balancedness(snapshot).min())
@@ -114,12 +138,12 @@ class Controller:
             return RebalanceEvent(now, reason, before, before, 0, None) if explain else None
         target = self.plan(snapshot.expert_tokens)
         planned = float(layer_balancedness(target, snapshot.expert_tokens).min())
-        moves = count_moves(self._store.current, target)
+        moves = count_moves(self._hub.current, target)
         if not force and planned - before < self.config.min_gain:
             event = RebalanceEvent(now, f"skipped: plan gains {planned - before:.3f} < min_gain {self.config.min_gain}", before, planned, moves, None)
             self.state = replace(self.state, floor=before - self.config.hysteresis)
         else:
-            changes = target.replica_set != self._store.current.replica_set
+            changes = target.replica_set != self._hub.current.replica_set
             report = await self._rebalancer.apply(target) if changes else None
             event = RebalanceEvent(now, reason if changes else f"{reason}: the plan is the placement in service", before, planned, moves, report)
             self.state = replace(self.state, floor=planned - self.config.hysteresis)
@@ -129,9 +153,13 @@ class Controller:
 
     async def apply(self, target: Placement, reason: str = "applied on demand") -> RebalanceEvent:
         """Move to a given placement (e.g. imported from a file), make-before-break."""
+        async with self._lock:
+            return await self._apply(target, reason)
+
+    async def _apply(self, target: Placement, reason: str) -> RebalanceEvent:
         before = float(self.balancedness().min())
-        moves = count_moves(self._store.current, target)
-        if target.replica_set == self._store.current.replica_set:
+        moves = count_moves(self._hub.current, target)
+        if target.replica_set == self._hub.current.replica_set:
             event = RebalanceEvent(self._clock(), "already in service: nothing to move", before, before, 0, None)
             self.events.append(event)
             return event

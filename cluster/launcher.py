@@ -1,37 +1,40 @@
 """The composition root: the one place that wires Ray, the expert shard workers and the router.
 
-`deploy(config)` starts (or joins) Ray, creates the workers through an `ExpertPool`, loads the
-placement into them with progress, and starts the gRPC router on top.
+`deploy(config)` starts (or joins) Ray, starts the control plane (workers, placement, load,
+rebalancing and scaling loops) and a router in the same process, linked in process, with the
+gRPC server on top. `cluster.service` wires the same two halves as Ray actors instead.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 import torch
 
-from cluster.config import RayConfig, ServeConfig
 from cluster.admin import ModelAdmin
+from cluster.config import RayConfig, ServeConfig
+from cluster.control_plane import ControlPlane, LoadProgress, slots_per_worker, start_control_plane, weights_for
 from cluster.controller import Controller
+from cluster.load_stats import RouterReport
+from cluster.model_spec import ModelSpec
 from cluster.placement import Placement
 from cluster.placement_store import PlacementStore
-from cluster.rebalancer import Rebalancer
+from router_service.admin_servicer import AdminOperations
 from router_service.moe_layer import DistributedMoELayer
 from router_service.ray_backend import RayExpertBackend
 from router_service.router import ModelRouter
 from router_service.server import RouterServer, start_server
 from workers.pool import ExpertPool
-from workers.weights import WeightSource, open_weights
+from workers.weights import WeightSource
 
 log = logging.getLogger(__name__)
 
-# progress(done, total) while expert weights load into the workers
-LoadProgress = Callable[[int, int], None]
+__all__ = ["Deployment", "RouterSide", "connect_ray", "deploy", "slots_per_worker", "start_router", "weights_for"]
 
 
 def connect_ray(config: RayConfig, **init_options) -> None:
@@ -48,85 +51,113 @@ def connect_ray(config: RayConfig, **init_options) -> None:
     )
 
 
-def weights_for(config: ServeConfig) -> WeightSource:
-    random = config.model.random_or_default
-    return open_weights(
-        checkpoint=config.model.checkpoint,
-        random_spec=random.spec() if random else None,
-        seed=random.seed if random else 0,
+@dataclass
+class RouterSide:
+    """One router: its placement store and worker handles, the batching router, the gRPC server.
+
+    It is the control plane's `RouterLink` to this router when both run in one process.
+    """
+
+    name: str
+    router: ModelRouter
+    store: PlacementStore
+    backend: RayExpertBackend
+    server: RouterServer
+
+    async def publish(self, placement: Placement) -> None:
+        if placement.version > self.store.current.version:
+            self.store.publish(placement)
+
+    async def drained(self, version: int, timeout_s: float) -> None:
+        await self.store.drained(version, timeout_s)
+
+    async def set_workers(self, handles: Sequence[Any]) -> None:
+        self.backend.set_handles(handles)
+
+    async def take_report(self) -> RouterReport:
+        return self.router.take_report()
+
+
+async def start_router(config: ServeConfig, spec: ModelSpec, gates: dict[int, torch.Tensor], placement: Placement,
+                       handles: Sequence[Any], admin: AdminOperations, router_id: str = "router") -> RouterSide:
+    """A router serving `placement` over the workers `handles`, its gRPC server started but
+    NOT_SERVING until `server.set_serving(True)`."""
+    torch.set_num_threads(config.router.torch_threads)
+    store = PlacementStore(placement)
+    backend = RayExpertBackend(handles)
+    layer = DistributedMoELayer(spec, gates, store, backend)
+    router = ModelRouter(config.model.name, layer, {
+        "max_batch_tokens": config.router.max_batch_tokens,
+        "max_wait_ms": config.router.max_wait_ms,
+        "max_inflight_batches": config.router.max_inflight_batches,
+    }, router_id=router_id)
+    server = await start_server(
+        {config.model.name: router}, config.router.host, config.router.port,
+        config.router.max_message_mb * 1024 * 1024, admins={config.model.name: admin},
     )
+    return RouterSide(router_id, router, store, backend, server)
 
 
 @dataclass
 class Deployment:
-    """A running model: its workers, its router and the address clients use."""
+    """A running model in this process: its control plane, its router and the address clients use."""
 
     config: ServeConfig
-    weights: WeightSource
-    pool: ExpertPool
-    router: ModelRouter
-    server: RouterServer
-    placements: PlacementStore
-    controller: Controller
-    admin: ModelAdmin
+    plane: ControlPlane
+    side: RouterSide
+
+    @property
+    def weights(self) -> WeightSource:
+        return self.plane.weights
+
+    @property
+    def pool(self) -> ExpertPool:
+        return self.plane.pool
+
+    @property
+    def router(self) -> ModelRouter:
+        return self.side.router
+
+    @property
+    def server(self) -> RouterServer:
+        return self.side.server
+
+    @property
+    def controller(self) -> Controller:
+        return self.plane.controller
+
+    @property
+    def admin(self) -> ModelAdmin:
+        return self.plane.admin
 
     @property
     def placement(self) -> Placement:
         """The placement in service now."""
-        return self.placements.current
+        return self.plane.placement
 
     @property
     def address(self) -> str:
         return f"{self.config.router.host}:{self.server.port}"
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        """Stop rebalancing and taking requests, let in-flight ones finish, release the workers."""
-        await self.controller.stop()
+        """Stop deciding and taking requests, let in-flight ones finish, release the workers."""
+        await self.plane.autoscaler.stop()
+        await self.plane.controller.stop()
         await self.server.stop(grace_s)
-        self.pool.shutdown()
+        await self.plane.stop()
 
 
 async def deploy(config: ServeConfig, progress: LoadProgress | None = None) -> Deployment:
-    """Start serving `config`'s model. Needs Ray connected (`connect_ray`)."""
-    torch.set_num_threads(config.router.torch_threads)
-    weights = weights_for(config)
-    spec = weights.spec
-    slots = slots_per_worker(spec.num_logical_experts, config.workers.count, config.workers.slots_per_worker)
-    placement = Placement.round_robin(spec.num_logical_experts, config.workers.count, slots)
-    placements = PlacementStore(placement)
-    pool = ExpertPool(config.model.name, weights, config.workers, config.ray.namespace)
+    """Start serving `config`'s model in this process. Needs Ray connected (`connect_ray`)."""
+    plane = await start_control_plane(config, progress)
     try:
-        await asyncio.to_thread(pool.start, config.workers.count)
-        loaded = await asyncio.to_thread(pool.load, placement, progress)
-        log.info("loaded %.1f MiB of expert weights into %d workers", loaded / 2**20, config.workers.count)
-        gates = {layer: weights.gate_weight(layer) for layer in spec.moe_layers}
-        layer = DistributedMoELayer(spec, gates, placements, RayExpertBackend(pool.handles))
-        router = ModelRouter(config.model.name, layer, {
-            "max_batch_tokens": config.router.max_batch_tokens,
-            "max_wait_ms": config.router.max_wait_ms,
-            "max_inflight_batches": config.router.max_inflight_batches,
-        }, window_s=config.rebalance.window_s)
-        rebalance = config.rebalance
-        rebalancer = Rebalancer(placements, pool, rebalance.max_loads_per_step, rebalance.copy_from_live)
-        controller = Controller(placements, router.load.snapshot, rebalancer, [slots] * config.workers.count,
-                                rebalance, worker_nodes=pool.worker_nodes())
-        admin = ModelAdmin(config.model.name, spec, placements, controller, router.load.snapshot,
-                           pool.stats_async, router.outstanding_tokens_now)
-        server = await start_server(
-            {config.model.name: router}, config.router.host, config.router.port,
-            config.router.max_message_mb * 1024 * 1024, admins={config.model.name: admin},
-        )
+        spec = plane.weights.spec
+        gates = {layer: plane.weights.gate_weight(layer) for layer in spec.moe_layers}
+        side = await start_router(config, spec, gates, plane.placement, plane.hub.workers, plane.admin)
+        await plane.attach(side)
     except BaseException:
-        pool.shutdown()
+        await plane.stop()
         raise
-    await server.set_serving(True)
-    controller.start()
-    return Deployment(config, weights, pool, router, server, placements, controller, admin)
-
-
-def slots_per_worker(num_logical_experts: int, num_workers: int, configured: int | None) -> int:
-    """The configured slots, or one replica of every expert plus 25% room for hot replicas."""
-    if configured is not None:
-        return configured
-    needed = -(-num_logical_experts // num_workers)
-    return needed + max(1, needed // 4)
+    await side.server.set_serving(True)
+    plane.start_loops()
+    return Deployment(config, plane, side)

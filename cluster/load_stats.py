@@ -1,10 +1,11 @@
-"""Load statistics: tokens per logical expert over a sliding window. Pure: the caller passes
-the time (`now_s`), so tests drive the clock."""
+"""Load statistics: tokens per logical expert over a sliding window, and the board that merges
+the routers' reports into it. Pure: the caller passes the time (`now_s`), so tests drive the
+clock."""
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -57,3 +58,65 @@ class SlidingWindowLoad:
             total += counts
         covered = self.window_s if self._started_s is None else min(self.window_s, max(now_s - self._started_s, self.bucket_s))
         return LoadSnapshot(total, total / covered, covered, int(total.sum()))
+
+
+@dataclass(frozen=True)
+class RouterReport:
+    """What one router has seen since its previous report.
+
+    expert_tokens: `[L, E]` tokens routed per logical expert since then; queue_delays_s: how long
+    the requests finished since then waited in the queue (the latest ones, bounded);
+    oldest_queued_s: how long the oldest request still queued has waited; outstanding_tokens:
+    `[W]` tokens the router has in the workers now.
+    """
+
+    router_id: str
+    expert_tokens: np.ndarray
+    queue_delays_s: tuple[float, ...] = ()
+    oldest_queued_s: float = 0.0
+    outstanding_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+
+class LoadBoard:
+    """The control plane's view of the load: router reports merged into one sliding window.
+
+    Pure like `SlidingWindowLoad`: every method takes the time. The window starts at `started_s`,
+    so rates early on are averaged over the time since the service started, not over the first
+    report's bucket.
+    """
+
+    def __init__(self, num_layers: int, num_experts: int, window_s: float, started_s: float):
+        self.window = SlidingWindowLoad(num_layers, num_experts, window_s, bucket_s=min(1.0, window_s / 10))
+        self.window.add(0, np.zeros(num_experts, dtype=np.int64), started_s)
+        self._delays: deque[tuple[float, float]] = deque(maxlen=4096)  # (at_s, delay_s)
+        self._latest: dict[str, tuple[float, RouterReport]] = {}
+
+    def report(self, report: RouterReport, now_s: float) -> None:
+        for moe_index, counts in enumerate(np.asarray(report.expert_tokens)):
+            if counts.any():
+                self.window.add(moe_index, counts, now_s)
+        self._delays.extend((now_s, d) for d in report.queue_delays_s)
+        self._latest[report.router_id] = (now_s, report)
+
+    def forget(self, router_id: str) -> None:
+        self._latest.pop(router_id, None)
+
+    def snapshot(self, now_s: float) -> LoadSnapshot:
+        return self.window.snapshot(now_s)
+
+    def queue_delay_ms(self, now_s: float, quantile: float = 0.9) -> float:
+        """The `quantile` of queue delays within the window, or the oldest request still queued
+        at a router if it has waited longer; 0 without requests."""
+        start = now_s - self.window.window_s
+        recent = [d for at, d in self._delays if at >= start]
+        finished = float(np.quantile(recent, quantile)) if recent else 0.0
+        waiting = max((r.oldest_queued_s for at, r in self._latest.values() if at >= start), default=0.0)
+        return 1000.0 * max(finished, waiting)
+
+    def outstanding_tokens(self, num_workers: int) -> np.ndarray:
+        """`[W]` tokens in the workers now, summed over the routers' latest reports."""
+        total = np.zeros(num_workers, dtype=np.int64)
+        for _, r in self._latest.values():
+            n = min(num_workers, len(r.outstanding_tokens))
+            total[:n] += np.asarray(r.outstanding_tokens)[:n]
+        return total

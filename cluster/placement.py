@@ -104,6 +104,21 @@ class Placement:
             rows = mapping
         return cls(version, num_logical_experts, tuple(tuple(int(e) for e in r) for r in rows))
 
+    def resized(self, num_workers: int, new_slots: int, version: int) -> Placement:
+        """The same replicas on `num_workers` workers: new workers come with `new_slots` empty
+        slots; workers past `num_workers` must hold nothing (migrate their replicas first)."""
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        held = [w for w in range(num_workers, self.num_workers) if self.experts_of(w)]
+        if held:
+            raise ValueError(
+                f"workers {held} still hold replicas in placement v{self.version}; move them "
+                f"away before removing the workers"
+            )
+        rows = list(self.slots[:num_workers])
+        rows += [(EMPTY,) * new_slots] * (num_workers - len(rows))
+        return Placement(version, self.num_logical_experts, tuple(rows))
+
     # ---- derived views (computed once per value) ---------------------------------------
 
     @property

@@ -1,9 +1,13 @@
 """The rebalancer: applies a migration plan to live workers, make-before-break.
 
 For each step: load the new replicas (copied from a live replica through the Ray object store,
-or read from the checkpoint), publish the step's placement (the router switches atomically at
-its next batch), wait until no batch uses the older placement, then release the replicas the
+or read from the checkpoint), publish the step's placement (the routers switch atomically at
+their next batch), wait until no batch uses the older placement, then release the replicas the
 step drops. Requests keep flowing throughout; none sees a replica that is not loaded.
+
+A target may have more workers than the placement in service (scale-out: the new workers join
+with empty slots first) or fewer (scale-in: the leaving workers, always the last ones, are
+emptied by the steps, then dropped from the placement once no batch uses them).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Protocol
 
 from cluster.migration import MigrationPlan, plan_migration
 from cluster.placement import Placement
-from cluster.placement_store import PlacementStore
+from cluster.placement_hub import PlacementHub
 
 
 class ReplicaMover(Protocol):
@@ -42,10 +46,10 @@ class MigrationReport:
 
 
 class Rebalancer:
-    def __init__(self, store: PlacementStore, mover: ReplicaMover, max_loads_per_step: int = 8,
+    def __init__(self, hub: PlacementHub, mover: ReplicaMover, max_loads_per_step: int = 8,
                  copy_from_live: bool = True, drain_timeout_s: float = 60.0,
                  clock: Callable[[], float] = time.monotonic):
-        self._store = store
+        self._hub = hub
         self._mover = mover
         self._max_loads = max_loads_per_step
         self._copy = copy_from_live
@@ -54,29 +58,45 @@ class Rebalancer:
         self._lock = asyncio.Lock()
 
     def plan(self, target: Placement) -> MigrationPlan:
-        return plan_migration(self._store.current, target, self._max_loads)
+        return plan_migration(self._hub.current, target, self._max_loads)
+
+    @property
+    def busy(self) -> bool:
+        """A migration is running."""
+        return self._lock.locked()
 
     async def apply(self, target: Placement) -> MigrationReport:
         """Move the service to `target`'s rows; one migration at a time."""
         async with self._lock:
             start = self._clock()
-            before = self._store.current.version
-            plan = self.plan(target)
+            before = self._hub.current.version
+            joining = target.slots[self._hub.current.num_workers:]
+            if joining:  # new workers join empty; nothing runs on them yet, so nothing to drain
+                slots = max(len(row) for row in joining)
+                await self._hub.publish(self._hub.current.resized(target.num_workers, slots, before + 1))
+            plan = self.plan(_padded(target, self._hub.current))
             moved = 0
             for step in plan.steps:
                 moved += await self._load(step.loads)
-                self._store.publish(step.placement)
-                await self._store.drained(step.placement.version, self._drain_timeout_s)
+                await self._publish(step.placement)
                 await asyncio.gather(*(
                     self._mover.release_replicas(w, experts) for w, experts in _by_worker(step.releases).items()
                 ))
+            if target.num_workers < self._hub.current.num_workers:
+                current = self._hub.current
+                await self._publish(current.resized(target.num_workers, 0, current.version + 1))
             return MigrationReport(
-                before, self._store.current.version, len(plan.steps), plan.loads, plan.releases,
+                before, self._hub.current.version, len(plan.steps), plan.loads, plan.releases,
                 moved, self._clock() - start,
             )
 
+    async def _publish(self, placement: Placement) -> None:
+        """Publish, then wait until no batch runs on an older placement."""
+        await self._hub.publish(placement)
+        await self._hub.drained(placement.version, self._drain_timeout_s)
+
     async def _load(self, loads: tuple[tuple[int, int], ...]) -> int:
-        current = self._store.current
+        current = self._hub.current
         calls = []
         for worker, experts in _by_worker(loads).items():
             sources = {}
@@ -94,3 +114,11 @@ def _by_worker(replicas: tuple[tuple[int, int], ...]) -> dict[int, list[int]]:
     for worker, expert in replicas:
         out.setdefault(worker, []).append(expert)
     return out
+
+
+def _padded(target: Placement, current: Placement) -> Placement:
+    """`target` with empty rows for the workers of `current` it no longer has (they leave)."""
+    if target.num_workers >= current.num_workers:
+        return target
+    rows = target.slots + tuple(() for _ in range(current.num_workers - target.num_workers))
+    return Placement(target.version, target.num_logical_experts, rows)

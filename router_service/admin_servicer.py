@@ -15,6 +15,7 @@ Protocols, and placements travel as `cluster.placement.Placement` values.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -118,7 +119,7 @@ class AdminOperations(Protocol):
 
     async def load_report(self) -> LoadReportView: ...
 
-    def plan(self, load: np.ndarray | None = None) -> PlanReportView:
+    def plan(self, load: np.ndarray | None = None) -> PlanReportView | Awaitable[PlanReportView]:
         """load: `[L, E]` or flat `[L*E]` tokens per logical expert; None: the recent window."""
         ...
 
@@ -244,6 +245,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         async def plan(admin: AdminOperations) -> admin_pb2.PlanResponse:
             load = np.asarray(request.load, dtype=np.float64) if len(request.load) else None
             report = admin.plan(load)
+            if inspect.isawaitable(report):  # an admin in another process answers later
+                report = await report
             changes = [admin_pb2.ReplicaChange(worker=w, expert=e, added=True) for w, e in report.added]
             changes += [admin_pb2.ReplicaChange(worker=w, expert=e, added=False) for w, e in report.removed]
             return admin_pb2.PlanResponse(

@@ -67,6 +67,11 @@ class _LayerQueue:
     def queued_tokens(self) -> int:
         return sum(i.tokens for i in self._items)
 
+    def oldest_enqueued_s(self) -> float | None:
+        """`perf_counter` time the oldest request still waiting was queued; None when none."""
+        waiting = [i.enqueued_s for i in (*self._forming, *self._items) if not i.future.done()]
+        return min(waiting, default=None)
+
     def _take(self, batch: list[_Pending], tokens: int) -> int:
         """Move live queued requests into `batch` while they fit; returns the token count."""
         while self._items:
@@ -166,6 +171,11 @@ class Batcher:
     @property
     def queued_tokens(self) -> int:
         return sum(q.queued_tokens for q in self._queues.values())
+
+    def oldest_queued_s(self) -> float:
+        """How long the oldest request still waiting for a batch has waited (0 when none)."""
+        times = [t for q in self._queues.values() if (t := q.oldest_enqueued_s()) is not None]
+        return time.perf_counter() - min(times) if times else 0.0
 
     async def close(self) -> None:
         await asyncio.gather(*(q.close() for q in self._queues.values()))

@@ -19,6 +19,11 @@ class RayExpertBackend:
     def __repr__(self) -> str:
         return f"RayExpertBackend(workers={len(self._handles)})"
 
+    def set_handles(self, handles: Sequence[ray.actor.ActorHandle]) -> None:
+        """The worker of each placement index from now on (workers join and leave at the end,
+        so batches already sent keep the handles they used)."""
+        self._handles = list(handles)
+
     def share(self, x: np.ndarray) -> ray.ObjectRef:
         return ray.put(x)
 

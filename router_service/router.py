@@ -1,15 +1,15 @@
 """ModelRouter: one served model as the gRPC layer sees it — its spec, its request batcher in
-front of the distributed MoE layer, and the routed load it has counted."""
+front of the distributed MoE layer, and the routed load it has counted, which the control plane
+collects with `take_report`."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+from collections import deque
 
 import numpy as np
 import torch
 
-from cluster.load_stats import SlidingWindowLoad
+from cluster.load_stats import RouterReport
 from cluster.model_spec import ModelSpec
 from router_service.batcher import Batcher, RequestResult
 from router_service.moe_layer import DistributedMoELayer, LayerOutput
@@ -18,19 +18,21 @@ from router_service.moe_layer import DistributedMoELayer, LayerOutput
 class ModelRouter:
     """Routes one model's requests and counts the routed load.
 
-    expert_tokens: `[num_moe_layers, E]` tokens routed since start; load: the same over a
-    sliding window (what rebalancing decides on).
+    expert_tokens: `[num_moe_layers, E]` tokens routed since start. `take_report` hands the
+    counts since the previous report (and the queue delays seen) to the control plane, which
+    keeps the sliding window that rebalancing and autoscaling decide on.
     """
 
-    def __init__(self, name: str, layer: DistributedMoELayer, batcher_options: dict,
-                 window_s: float = 30.0, clock: Callable[[], float] = time.monotonic):
+    MAX_DELAY_SAMPLES = 512  # queue delays kept between two reports (the latest ones)
+
+    def __init__(self, name: str, layer: DistributedMoELayer, batcher_options: dict, router_id: str = "router"):
         self.name = name
+        self.router_id = router_id
         self.spec: ModelSpec = layer.spec
         self.ready = False
         self.expert_tokens = np.zeros((self.spec.num_moe_layers, self.spec.num_experts), dtype=np.int64)
-        self.load = SlidingWindowLoad(self.spec.num_moe_layers, self.spec.num_experts, window_s,
-                                      bucket_s=min(1.0, window_s / 10))
-        self._clock = clock
+        self._reported = self.expert_tokens.copy()
+        self._queue_delays: deque[float] = deque(maxlen=self.MAX_DELAY_SAMPLES)
         self.batches_served = 0
         self._layer = layer
         self._batcher = Batcher(self._forward, **batcher_options)
@@ -40,19 +42,28 @@ class ModelRouter:
 
     async def _forward(self, layer: int, hidden: torch.Tensor) -> LayerOutput:
         out = await self._layer.forward(layer, hidden)
-        moe_index = self.spec.moe_index(layer)
-        self.expert_tokens[moe_index] += out.expert_tokens
-        self.load.add(moe_index, out.expert_tokens, self._clock())
+        self.expert_tokens[self.spec.moe_index(layer)] += out.expert_tokens
         self.batches_served += 1
         return out
 
     async def infer(self, layer: int, hidden: torch.Tensor) -> RequestResult:
         """hidden: `[t, H]` float32, already checked against the spec."""
-        return await self._batcher.submit(layer, hidden)
+        result = await self._batcher.submit(layer, hidden)
+        self._queue_delays.append(result.queued_s)
+        return result
 
     def outstanding_tokens_now(self) -> np.ndarray:
         """`[W]` tokens each worker has in hand (queued or running) from this router."""
         return self._layer.outstanding.copy()
+
+    def take_report(self) -> RouterReport:
+        """The routed tokens and queue delays since the previous call."""
+        counts = self.expert_tokens.copy()
+        delta, self._reported = counts - self._reported, counts
+        delays = tuple(self._queue_delays)
+        self._queue_delays.clear()
+        return RouterReport(self.router_id, delta, delays, self._batcher.oldest_queued_s(),
+                            self.outstanding_tokens_now())
 
     async def close(self) -> None:
         self.ready = False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import ray
@@ -21,7 +22,8 @@ def worker_name(model_name: str, index: int) -> str:
 
 
 class ExpertPool:
-    """Creates the expert shard actors for one model, loads a placement into them, kills them."""
+    """Creates the expert shard actors for one model, loads a placement into them, kills them,
+    and asks Ray's autoscaler for the nodes they need."""
 
     def __init__(self, model_name: str, weights: WeightSource, config: WorkersConfig, namespace: str):
         self.model_name = model_name
@@ -30,32 +32,94 @@ class ExpertPool:
         self._config = config
         self.handles: list[ray.actor.ActorHandle] = []
         self._nodes: list[str] = []
+        self._num_gpus: float | None = None
+        self.pending = 0  # workers asked for that are not serving yet
 
     def __repr__(self) -> str:
-        return f"ExpertPool(model={self.model_name!r}, workers={len(self.handles)})"
+        return f"ExpertPool(model={self.model_name!r}, workers={len(self.handles)}, pending={self.pending})"
 
     def gpus_per_worker(self) -> float:
-        setting = self._config.num_gpus
-        if setting == "auto":
-            return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-        return float(setting)
+        """Fixed at the first call, so workers added later match the first ones."""
+        if self._num_gpus is None:
+            setting = self._config.num_gpus
+            if setting == "auto":
+                self._num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+            else:
+                self._num_gpus = float(setting)
+        return self._num_gpus
+
+    def worker_bundle(self) -> dict[str, float]:
+        """The resources one worker reserves (what Ray's autoscaler must find a node for)."""
+        bundle = {"CPU": self._config.num_cpus, "GPU": self.gpus_per_worker(), **self._config.resources}
+        return {k: float(v) for k, v in bundle.items() if v > 0}
+
+    def _create(self, index: int) -> ray.actor.ActorHandle:
+        return ray.remote(ExpertWorker).options(
+            name=worker_name(self.model_name, index),
+            namespace=self.namespace,
+            num_cpus=self._config.num_cpus,
+            num_gpus=self.gpus_per_worker(),
+            resources=dict(self._config.resources),
+            max_concurrency=1,
+        ).remote(index, self._weights, self._config.torch_threads, self._config.device)
 
     def start(self, num_workers: int) -> list[dict]:
         """Create `num_workers` actors and wait until each answers; returns their `ready()` info."""
-        actor_cls = ray.remote(ExpertWorker)
-        num_gpus = self.gpus_per_worker()
-        for index in range(num_workers):
-            handle = actor_cls.options(
-                name=worker_name(self.model_name, index),
-                namespace=self.namespace,
-                num_cpus=self._config.num_cpus,
-                num_gpus=num_gpus,
-                max_concurrency=1,
-            ).remote(index, self._weights, self._config.torch_threads, self._config.device)
-            self.handles.append(handle)
+        self.handles.extend(self._create(index) for index in range(len(self.handles), num_workers))
         infos = ray.get([h.ready.remote() for h in self.handles])
         self._nodes = [info["node_id"] for info in infos]
         return infos
+
+    async def add_workers(self, count: int, timeout_s: float) -> list[dict]:
+        """Create `count` more workers (indices after the last) and wait until they answer.
+
+        Workers that get no node within `timeout_s` are killed; the ones that came up are kept
+        (and returned, with their `ready()` info), so a partial scale-out still counts.
+        """
+        first = len(self.handles)
+        created = [await self._create_when_free(first + i) for i in range(count)]
+        self.pending += count
+        try:
+            refs = [h.ready.remote() for h in created]
+            done, _ = await asyncio.to_thread(ray.wait, refs, num_returns=len(refs), timeout=timeout_s)
+        finally:
+            self.pending -= count
+        up = [ref in done for ref in refs]
+        kept = created[: up.index(False)] if False in up else created  # indices stay contiguous
+        for handle in created[len(kept):]:
+            ray.kill(handle, no_restart=True)
+        infos = [await ref for ref in refs[: len(kept)]]
+        self.handles.extend(kept)
+        self._nodes.extend(info["node_id"] for info in infos)
+        return infos
+
+    async def _create_when_free(self, index: int, timeout_s: float = 30.0) -> ray.actor.ActorHandle:
+        """Create worker `index`; a just-killed worker of that index may hold its name a moment."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self._create(index)
+            except ValueError:  # "the name ... is already taken"
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+    def remove_workers(self, count: int) -> None:
+        """Kill the last `count` workers (their replicas must have been moved away)."""
+        if not 0 < count < len(self.handles):
+            raise ValueError(f"can remove 1..{len(self.handles) - 1} of {len(self.handles)} workers, not {count}")
+        for handle in self.handles[-count:]:
+            ray.kill(handle, no_restart=True)
+        del self.handles[-count:]
+        del self._nodes[-count:]
+
+    def request_capacity(self, workers: int) -> None:
+        """Ask Ray's autoscaler for room for `workers` workers in all (a standing request that
+        replaces the previous one): it launches nodes for more, and may reclaim idle ones when
+        fewer are asked for. Without an autoscaler this changes nothing."""
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[self.worker_bundle()] * workers)
 
     def load(self, placement: Placement, progress: Callable[[int, int], None] | None = None) -> int:
         """Load every worker's replicas of `placement`, in chunks, workers in parallel.
@@ -122,3 +186,4 @@ class ExpertPool:
         for handle in self.handles:
             ray.kill(handle, no_restart=True)
         self.handles = []
+        self._nodes = []

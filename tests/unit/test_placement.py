@@ -290,3 +290,19 @@ def test_replicating_the_hot_expert_improves_balancedness() -> None:
     # expert 0 split 6 + 6, expert 1 split 1 + 1: worker 0 = 6 + 2 + 1 = 9, worker 1 = 1 + 2 + 6 = 9
     np.testing.assert_allclose(replicated.worker_load(hot), [9.0, 9.0])
     assert replicated.balancedness(hot) == 1.0
+
+
+def test_resized_adds_empty_workers_and_drops_empty_ones():
+    base = Placement.from_mapping(4, 4, [[0, 1], [2, 3], [EMPTY, EMPTY]])
+    grown = base.resized(5, new_slots=3, version=5)
+    assert grown.version == 5 and grown.num_workers == 5
+    assert grown.slots[3:] == ((EMPTY,) * 3, (EMPTY,) * 3)
+    assert grown.replica_set == base.replica_set
+    shrunk = grown.resized(2, new_slots=3, version=6)
+    assert shrunk.slots == base.slots[:2] and shrunk.version == 6
+
+
+def test_resized_refuses_to_drop_a_worker_that_holds_replicas():
+    base = Placement.from_mapping(0, 4, [[0, 1], [2, 3], [1, EMPTY]])
+    with pytest.raises(ValueError, match=r"workers \[2\] still hold replicas in placement v0"):
+        base.resized(2, new_slots=2, version=1)

@@ -1,0 +1,213 @@
+"""The control plane of one served model: its workers, the placement in service, the load, and
+the loops that change them (rebalancing hot experts, scaling the workers).
+
+It owns everything long-lived: the `ExpertPool` (the workers are its Ray children), the
+`PlacementHub` that fans placements out to the routers, the `LoadBoard` fed by the routers'
+reports, the rebalance `Controller`, the scaling `Reconciler` and `Autoscaler`, and the
+`ModelAdmin` operations. Routers attach to it through `RouterLink`s: in the same process for
+`moe-serve serve`, from a router actor for `moe-serve deploy` (see `cluster.service`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from cluster.admin import ModelAdmin
+from cluster.config import ServeConfig
+from cluster.controller import Controller
+from cluster.load_stats import LoadBoard
+from cluster.placement import Placement
+from cluster.placement_hub import PlacementHub, RouterLink
+from cluster.planner import layer_balancedness
+from cluster.rebalancer import Rebalancer
+from cluster.scaler import Autoscaler, Reconciler, observe_fleet
+from workers.pool import ExpertPool
+from workers.weights import WeightSource, open_weights
+
+log = logging.getLogger(__name__)
+
+# progress(done, total) while expert weights load into the workers
+LoadProgress = Callable[[int, int], None]
+
+
+def weights_for(config: ServeConfig) -> WeightSource:
+    random = config.model.random_or_default
+    return open_weights(
+        checkpoint=config.model.checkpoint,
+        random_spec=random.spec() if random else None,
+        seed=random.seed if random else 0,
+    )
+
+
+def slots_per_worker(num_logical_experts: int, num_workers: int, configured: int | None,
+                     min_replicas: int = 1) -> int:
+    """The configured slots, or room for `min_replicas` of every expert on `num_workers`
+    workers (the fewest the service may run on) plus 25% for hot replicas.
+
+    ValueError naming the keys when the configured slots cannot hold every expert there.
+    """
+    needed = -(-num_logical_experts * min_replicas // num_workers)
+    if configured is None:
+        return needed + max(1, needed // 4)
+    if configured < needed:
+        raise ValueError(
+            f"workers.slots_per_worker ({configured}) is too small: {num_logical_experts} logical "
+            f"experts x rebalance.min_replicas ({min_replicas}) on workers.min_workers ({num_workers}) "
+            f"workers need at least {needed} slots per worker"
+        )
+    return configured
+
+
+class LoadFeed:
+    """The routers' reports, collected on demand into the board the decisions read."""
+
+    def __init__(self, hub: PlacementHub, board: LoadBoard, clock: Callable[[], float] = time.monotonic):
+        self._hub = hub
+        self.board = board
+        self._clock = clock
+
+    async def refresh(self) -> None:
+        for report in await self._hub.take_reports():
+            self.board.report(report, self._clock())
+
+    def snapshot(self, now_s: float):
+        return self.board.snapshot(now_s)
+
+    def tokens_per_s(self) -> float:
+        return float(self.board.snapshot(self._clock()).tokens_per_s.sum())
+
+    def queue_delay_ms(self) -> float:
+        return self.board.queue_delay_ms(self._clock())
+
+    def outstanding(self):
+        return self.board.outstanding_tokens(self._hub.current.num_workers)
+
+
+@dataclass
+class ControlPlane:
+    config: ServeConfig
+    weights: WeightSource
+    pool: ExpertPool
+    hub: PlacementHub
+    feed: LoadFeed
+    rebalancer: Rebalancer
+    controller: Controller
+    reconciler: Reconciler
+    autoscaler: Autoscaler
+    admin: ModelAdmin
+    slots_per_worker: int
+
+    @property
+    def placement(self) -> Placement:
+        return self.hub.current
+
+    async def attach(self, link: RouterLink) -> None:
+        await self.hub.attach(link)
+
+    def start_loops(self) -> None:
+        self.controller.start()
+        self.autoscaler.start()
+
+    async def stop(self) -> None:
+        """Stop deciding, release the workers and the standing resource request."""
+        await self.autoscaler.stop()
+        await self.controller.stop()
+        self.pool.shutdown()
+        self.pool.request_capacity(0)
+
+    def balancedness(self) -> float:
+        """Min over layers of the placement in service under the load window."""
+        return _live_balancedness(self.hub, self.feed)
+
+    async def status(self) -> dict:
+        """Everything `moe-serve status` shows, as plain data (JSON-ready)."""
+        report = await self.admin.load_report()
+        now = time.monotonic()
+        last = self.autoscaler.last
+        return {
+            "model": self.config.model.name,
+            "placement_version": self.placement.version,
+            "placement": self.placement.to_dict(),
+            "layers": list(self.weights.spec.moe_layers),
+            "num_experts": self.weights.spec.num_experts,
+            "slots_per_worker": self.slots_per_worker,
+            "workers": report.workers,
+            "pending_workers": self.pool.pending,
+            "bounds": list(self.autoscaler.bounds),
+            "worker_bundle": self.pool.worker_bundle(),
+            "routers": self.hub.routers,
+            "window_s": report.snapshot.window_s,
+            "tokens_per_s": float(report.snapshot.tokens_per_s.sum()),
+            "expert_tokens_per_s": report.snapshot.tokens_per_s.tolist(),
+            "queue_delay_ms": self.feed.queue_delay_ms(),
+            "balancedness": report.balancedness.tolist(),
+            "autoscaler": {
+                "mode": self.autoscaler.mode,
+                "decision": None if last is None else {**asdict(last[1]), "inputs": asdict(last[0])},
+            },
+            "scale_events": [_event_dict(e, now) for e in self.reconciler.events],
+            "rebalance_events": [_rebalance_dict(e, now, self.placement.version) for e in report.events],
+        }
+
+
+def _event_dict(event, now_s: float) -> dict:
+    data = {k: v for k, v in asdict(event).items() if k not in ("at_s", "migration")}
+    data["age_s"] = now_s - event.at_s
+    data["moves"] = event.migration.loads if event.migration else 0
+    return data
+
+
+def _rebalance_dict(event, now_s: float, version: int) -> dict:
+    report = event.report
+    return {
+        "age_s": now_s - event.at_s, "reason": event.reason, "applied": report is not None,
+        "from_version": report.from_version if report else version,
+        "to_version": report.to_version if report else version,
+        "balancedness_before": event.balancedness_before, "balancedness_after": event.balancedness_planned,
+        "moves": event.moves, "bytes_moved": report.bytes_moved if report else 0,
+        "duration_s": report.duration_s if report else 0.0,
+    }
+
+
+def _live_balancedness(hub: PlacementHub, feed: LoadFeed) -> float:
+    return float(layer_balancedness(hub.current, feed.snapshot(time.monotonic()).expert_tokens).min())
+
+
+async def start_control_plane(config: ServeConfig, progress: LoadProgress | None = None) -> ControlPlane:
+    """Start the workers, load the first placement into them, and build the decision loops
+    (not started: `start_loops()` once a router is attached). Needs Ray connected."""
+    weights = weights_for(config)
+    spec = weights.spec
+    slots = slots_per_worker(spec.num_logical_experts, config.workers.bounds[0], config.workers.slots_per_worker,
+                             config.rebalance.min_replicas)
+    placement = Placement.round_robin(spec.num_logical_experts, config.workers.count, slots)
+    pool = ExpertPool(config.model.name, weights, config.workers, config.ray.namespace)
+    try:
+        pool.request_capacity(config.workers.count)
+        await asyncio.to_thread(pool.start, config.workers.count)
+        loaded = await asyncio.to_thread(pool.load, placement, progress)
+        log.info("loaded %.1f MiB of expert weights into %d workers", loaded / 2**20, config.workers.count)
+        hub = PlacementHub(placement)
+        await hub.set_workers(pool.handles)
+        feed = LoadFeed(hub, LoadBoard(spec.num_moe_layers, spec.num_experts, config.rebalance.window_s,
+                                       started_s=time.monotonic()))
+        rebalance = config.rebalance
+        rebalancer = Rebalancer(hub, pool, rebalance.max_loads_per_step, rebalance.copy_from_live)
+        controller = Controller(hub, feed.snapshot, rebalancer, [slots] * config.workers.count, rebalance,
+                                worker_nodes=pool.worker_nodes(), refresh=feed.refresh)
+        reconciler = Reconciler(pool, hub, controller, rebalancer, slots, config.autoscaling.start_timeout_s)
+        observe = observe_fleet(pool, lambda: len(pool.handles), feed.refresh, feed.tokens_per_s,
+                                feed.queue_delay_ms, lambda: _live_balancedness(hub, feed),
+                                lambda: rebalancer.busy or reconciler.busy)
+        autoscaler = Autoscaler(reconciler, pool, observe, config.autoscaling, config.workers.bounds)
+        admin = ModelAdmin(config.model.name, spec, hub, controller, feed.snapshot, pool.stats_async,
+                           feed.outstanding, refresh=feed.refresh)
+    except BaseException:
+        pool.shutdown()
+        raise
+    return ControlPlane(config, weights, pool, hub, feed, rebalancer, controller, reconciler, autoscaler,
+                        admin, slots)

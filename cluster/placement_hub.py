@@ -1,0 +1,126 @@
+"""PlacementHub: the control plane's side of the placement in service, and its routers.
+
+The control plane decides placements; routers serve with them. The hub keeps the authoritative
+placement and fans each change out to every attached router (`RouterLink`), in process or in
+another Ray actor: `publish` makes a version current everywhere, `drained` waits until no router
+still runs a batch on an older one (make-before-break), `set_workers` tells the routers which
+worker handles a placement's indices name, and `take_reports` collects the routed load.
+
+A router that stops answering is detached (its batches died with it), so a lost router never
+stalls a migration. The hub imports neither Ray nor gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Sequence
+from typing import Any, Protocol
+
+from cluster.load_stats import RouterReport
+from cluster.placement import Placement
+
+log = logging.getLogger(__name__)
+
+
+class RouterLink(Protocol):
+    """How the control plane reaches one router (see `cluster.launcher` and `cluster.service`)."""
+
+    name: str
+
+    def publish(self, placement: Placement) -> Awaitable[None]:
+        """Make `placement` current at the router; its next batch uses it."""
+
+    def drained(self, version: int, timeout_s: float) -> Awaitable[None]:
+        """Resolve once the router runs no batch on a placement older than `version`."""
+
+    def set_workers(self, handles: Sequence[Any]) -> Awaitable[None]:
+        """The worker handle of each placement index, in order."""
+
+    def take_report(self) -> Awaitable[RouterReport]:
+        """The routed load since the previous report."""
+
+
+class PlacementHub:
+    def __init__(self, placement: Placement, link_timeout_s: float = 30.0):
+        self._current = placement
+        self._links: dict[str, RouterLink] = {}
+        self._workers: list[Any] = []
+        self._timeout_s = link_timeout_s
+
+    def __repr__(self) -> str:
+        return f"PlacementHub(version={self._current.version}, routers={sorted(self._links)})"
+
+    @property
+    def current(self) -> Placement:
+        return self._current
+
+    @property
+    def routers(self) -> list[str]:
+        return sorted(self._links)
+
+    @property
+    def workers(self) -> list[Any]:
+        return list(self._workers)
+
+    async def attach(self, link: RouterLink) -> None:
+        """Add a router (or replace one of the same name) and bring it up to date. It is added
+        first, so a placement published meanwhile reaches it too (routers ignore older ones)."""
+        self._links[link.name] = link
+        await link.set_workers(self._workers)
+        await link.publish(self._current)
+
+    def detach(self, name: str) -> None:
+        self._links.pop(name, None)
+
+    async def publish(self, placement: Placement) -> None:
+        """Make `placement` current here and at every router. Versions only go up."""
+        if placement.version <= self._current.version:
+            raise ValueError(
+                f"placement v{placement.version} is not newer than the one in service "
+                f"(v{self._current.version})"
+            )
+        if placement.num_logical_experts != self._current.num_logical_experts:
+            raise ValueError(
+                f"placement has {placement.num_logical_experts} logical experts, the model has "
+                f"{self._current.num_logical_experts}"
+            )
+        if placement.num_workers > len(self._workers):
+            raise ValueError(
+                f"placement v{placement.version} names {placement.num_workers} workers; "
+                f"{len(self._workers)} are known"
+            )
+        self._current = placement
+        await self._each("publish", lambda link: link.publish(placement))
+
+    async def drained(self, version: int, timeout_s: float = 60.0) -> None:
+        """Wait until no router runs a batch on a placement older than `version`."""
+        await self._each("drain", lambda link: link.drained(version, timeout_s), timeout_s + self._timeout_s)
+
+    async def set_workers(self, handles: Sequence[Any]) -> None:
+        self._workers = list(handles)
+        await self._each("set_workers", lambda link: link.set_workers(self._workers))
+
+    async def take_reports(self) -> list[RouterReport]:
+        results = await self._each("report", lambda link: link.take_report())
+        return [r for r in results if r is not None]
+
+    async def _each(self, what: str, call, timeout_s: float | None = None) -> list:
+        """`call(link)` on every router at once; a router that fails is detached."""
+        links = list(self._links.values())
+        results = await asyncio.gather(
+            *(asyncio.wait_for(call(link), timeout_s or self._timeout_s) for link in links),
+            return_exceptions=True,
+        )
+        out = []
+        for link, result in zip(links, results):
+            if isinstance(result, BaseException):
+                if isinstance(result, asyncio.CancelledError) or (what == "drain" and isinstance(result, TimeoutError)):
+                    raise result  # a batch that never ends stops the migration, as in-process
+                log.warning("router %s failed to %s (%r); detached", link.name, what, result)
+                if self._links.get(link.name) is link:
+                    del self._links[link.name]
+                out.append(None)
+            else:
+                out.append(result)
+        return out

@@ -1,0 +1,148 @@
+"""`moe-serve deploy | status | scale | shutdown`: a long-lived service on a running Ray cluster.
+
+`deploy` creates the detached controller (see `cluster.service`) and returns once the router
+serves; the service then lives on without the terminal. The other commands find it by model
+name in its Ray namespace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from cluster.config import ConfigError, load_config
+from cluster.console import (
+    console, events_table, load_progress, placement_table, scale_events_table, service_summary,
+    worker_load_table,
+)
+
+
+def add_service_parsers(sub) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--address", help="Ray cluster to join ('auto' or host:port); default: ray.address of the config, else auto")
+    common.add_argument("--namespace", default="moe-serve", help="Ray namespace of the deployment")
+    p = sub.add_parser("deploy", parents=[common], help="start a long-lived service on a Ray cluster")
+    p.add_argument("config", help="deployment YAML (model, workers, autoscaling, router)")
+    p.add_argument("--model-name", help="name clients use (model.name)")
+    p.add_argument("--port", type=int, help="gRPC port of the router (router.port)")
+    p.add_argument("--host", help="bind address of the router (router.host)")
+    p.add_argument("--timeout-s", type=float, default=1800.0, help="give up when the service is not serving by then")
+    named = argparse.ArgumentParser(add_help=False, parents=[common])
+    named.add_argument("--model", default="moe", help="model name of the deployment")
+    p = sub.add_parser("status", parents=[named], help="workers, placement, load, autoscaler decisions, events")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
+    p = sub.add_parser("scale", parents=[named], help="set the worker count by hand, or hand it back to the autoscaler")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("workers", nargs="?", type=int, help="workers to run (within min/max workers)")
+    group.add_argument("--auto", action="store_true", help="let the autoscaler decide again")
+    p = sub.add_parser("shutdown", parents=[named], help="stop the router and the workers, remove the service")
+    p.add_argument("--grace-s", type=float, default=10.0, help="time in-flight requests get to finish")
+
+
+def _connect(address: str, namespace: str) -> None:
+    from cluster.config import RayConfig
+    from cluster.launcher import connect_ray
+
+    connect_ray(RayConfig(address=address, namespace=namespace))
+
+
+def cmd_deploy(args) -> int:
+    import ray
+
+    from cluster.service import create_controller
+
+    config = load_config(args.config).with_overrides(**{
+        "model.name": args.model_name, "router.port": args.port, "router.host": args.host,
+        "ray.namespace": args.namespace if args.namespace != "moe-serve" else None,
+    })
+    address = args.address or config.ray.address
+    if address is None:
+        raise ConfigError(f"{args.config}: moe-serve deploy needs a running Ray cluster: pass --address auto "
+                          f"(or host:port), or set ray.address")
+    _connect(address, config.ray.namespace)
+    controller = create_controller(config)
+    started = controller.start.remote()
+    deadline = time.monotonic() + args.timeout_s
+    with load_progress() as progress:
+        while not ray.wait([started], timeout=0.25)[0]:
+            progress(*ray.get(controller.progress.remote()))
+            if time.monotonic() > deadline:
+                ray.kill(controller)
+                raise TimeoutError(f"the service was not serving after {args.timeout_s:.0f}s; removed it")
+        try:
+            address = ray.get(started)
+        except Exception:
+            ray.kill(controller)
+            raise
+        progress(*ray.get(controller.progress.remote()))
+    console.print(
+        f"deployed [bold]{config.model.name}[/] in namespace {config.ray.namespace}: router on "
+        f"[bold]{address}[/]; it keeps running after this command. "
+        f"`moe-serve status --model {config.model.name}` shows it, `moe-serve shutdown --model "
+        f"{config.model.name}` stops it.", highlight=False,
+    )
+    return 0
+
+
+def _controller(args):
+    from cluster.service import find_controller
+
+    _connect(args.address or "auto", args.namespace)
+    return find_controller(args.model, args.namespace)
+
+
+def cmd_status(args) -> int:
+    import ray
+
+    controller = _controller(args)
+    while True:
+        status = ray.get(controller.status.remote())
+        if args.json:
+            print(json.dumps(status, indent=2, default=str))
+        else:
+            show_status(status)
+        if not args.watch:
+            return 0
+        time.sleep(args.watch)
+
+
+def show_status(status: dict) -> None:
+    console.print(service_summary(status))
+    console.print(worker_load_table(status["workers"]))
+    console.print(placement_table(status["model"], status["placement"], status["layers"], status["num_experts"]))
+    if status["scale_events"]:
+        console.print(scale_events_table(status["scale_events"][-10:]))
+    if status["rebalance_events"]:
+        console.print(events_table(status["rebalance_events"][-10:]))
+
+
+def cmd_scale(args) -> int:
+    import ray
+
+    result = ray.get(_controller(args).scale.remote(None if args.auto else args.workers))
+    if "error" in result:
+        raise ValueError(result["error"])
+    if args.auto:
+        console.print(f"autoscaler: {result['mode']} ({result['workers']} workers now)")
+    else:
+        console.print(
+            f"{result['action']}: {result['from_workers']} -> {result['to_workers']} workers in "
+            f"{result['duration_s']:.1f}s ({result['reason']}); the autoscaler waits until `moe-serve scale --auto`",
+            highlight=False,
+        )
+    return 0 if result.get("action") != "failed" else 1
+
+
+def cmd_shutdown(args) -> int:
+    import ray
+
+    controller = _controller(args)
+    ray.get(controller.shutdown.remote(args.grace_s))
+    ray.kill(controller)
+    console.print(f"stopped {args.model}: router, workers and controller are gone")
+    return 0
+
+
+HANDLERS = {"deploy": cmd_deploy, "status": cmd_status, "scale": cmd_scale, "shutdown": cmd_shutdown}
