@@ -17,7 +17,7 @@ import ray
 import torch
 
 from cluster.admin import ModelAdmin
-from cluster.config import RayConfig, ServeConfig
+from cluster.config import RayConfig, RouterConfig, ServeConfig
 from cluster.control_plane import ControlPlane, LoadProgress, slots_per_worker, start_control_plane, weights_for
 from cluster.controller import Controller
 from cluster.load_stats import RouterReport
@@ -34,7 +34,7 @@ from workers.weights import WeightSource
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Deployment", "RouterSide", "connect_ray", "deploy", "slots_per_worker", "start_router", "weights_for"]
+__all__ = ["Deployment", "RouterSide", "connect_ray", "deploy", "slots_per_worker", "build_router", "weights_for"]
 
 
 def connect_ray(config: RayConfig, **init_options) -> None:
@@ -53,7 +53,8 @@ def connect_ray(config: RayConfig, **init_options) -> None:
 
 @dataclass
 class RouterSide:
-    """One router: its placement store and worker handles, the batching router, the gRPC server.
+    """One router: its placement store and worker handles, the batching router, and (once
+    `open`) the gRPC server.
 
     It is the control plane's `RouterLink` to this router when both run in one process.
     """
@@ -62,7 +63,7 @@ class RouterSide:
     router: ModelRouter
     store: PlacementStore
     backend: RayExpertBackend
-    server: RouterServer
+    server: RouterServer | None = None
 
     async def publish(self, placement: Placement) -> None:
         if placement.version > self.store.current.version:
@@ -77,11 +78,19 @@ class RouterSide:
     async def take_report(self) -> RouterReport:
         return self.router.take_report()
 
+    async def open(self, config: RouterConfig, admin: AdminOperations) -> RouterServer:
+        """Bind the gRPC server and say SERVING. Call it once the router is attached, so it
+        never serves with a placement the control plane has moved past."""
+        self.server = await start_server(
+            {self.router.name: self.router}, config.host, config.port, config.max_message_mb * 1024 * 1024,
+            admins={self.router.name: admin}, serving=True,
+        )
+        return self.server
 
-async def start_router(config: ServeConfig, spec: ModelSpec, gates: dict[int, torch.Tensor], placement: Placement,
-                       handles: Sequence[Any], admin: AdminOperations, router_id: str = "router") -> RouterSide:
-    """A router serving `placement` over the workers `handles`, its gRPC server started but
-    NOT_SERVING until `server.set_serving(True)`."""
+
+def build_router(config: ServeConfig, spec: ModelSpec, gates: dict[int, torch.Tensor], placement: Placement,
+                 handles: Sequence[Any], router_id: str = "router") -> RouterSide:
+    """A router for `placement` over the workers `handles`, not yet open to clients."""
     torch.set_num_threads(config.router.torch_threads)
     store = PlacementStore(placement)
     backend = RayExpertBackend(handles)
@@ -91,11 +100,7 @@ async def start_router(config: ServeConfig, spec: ModelSpec, gates: dict[int, to
         "max_wait_ms": config.router.max_wait_ms,
         "max_inflight_batches": config.router.max_inflight_batches,
     }, router_id=router_id)
-    server = await start_server(
-        {config.model.name: router}, config.router.host, config.router.port,
-        config.router.max_message_mb * 1024 * 1024, admins={config.model.name: admin},
-    )
-    return RouterSide(router_id, router, store, backend, server)
+    return RouterSide(router_id, router, store, backend)
 
 
 @dataclass
@@ -153,11 +158,11 @@ async def deploy(config: ServeConfig, progress: LoadProgress | None = None) -> D
     try:
         spec = plane.weights.spec
         gates = {layer: plane.weights.gate_weight(layer) for layer in spec.moe_layers}
-        side = await start_router(config, spec, gates, plane.placement, plane.hub.workers, plane.admin)
+        side = build_router(config, spec, gates, plane.placement, plane.hub.workers)
         await plane.attach(side)
+        await side.open(config.router, plane.admin)
     except BaseException:
         await plane.stop()
         raise
-    await side.server.set_serving(True)
     plane.start_loops()
     return Deployment(config, plane, side)

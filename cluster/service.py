@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -27,7 +28,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.config import ServeConfig, validate_config
 from cluster.control_plane import ControlPlane, start_control_plane, weights_for
-from cluster.launcher import RouterSide, start_router
+from cluster.launcher import RouterSide, build_router
 from cluster.placement import Placement
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,13 @@ class RouterActor:
         return f"RouterActor(model={self.config.model.name!r}, address={self.address()})"
 
     def address(self) -> str | None:
-        return None if self.side is None else f"{self.config.router.host}:{self.side.server.port}"
+        """host:port once serving, else None."""
+        if self.side is None or self.side.server is None:
+            return None
+        return f"{self.config.router.host}:{self.side.server.port}"
+
+    def pid(self) -> int:
+        return os.getpid()
 
     async def start(self) -> str:
         async with self._starting:
@@ -207,12 +214,10 @@ class RouterActor:
         spec = weights.spec
         gates = {layer: weights.gate_weight(layer) for layer in spec.moe_layers}
         placement, handles = await controller.router_bootstrap.remote()
-        admin = RemoteAdmin(self.config.model.name, spec, controller)
-        side = await start_router(self.config, spec, gates, placement, handles, admin, router_id=name)
-        admin.store = side.store
+        side = build_router(self.config, spec, gates, placement, handles, router_id=name)
         self.side = side
         await controller.attach_router.remote(name)
-        await side.server.set_serving(True)
+        await side.open(self.config.router, RemoteAdmin(self.config.model.name, spec, controller, side.store))
 
     async def publish(self, placement: Placement) -> None:
         await self.side.publish(placement)
@@ -227,7 +232,7 @@ class RouterActor:
         return await self.side.take_report()
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        if self.side is not None:
+        if self.side is not None and self.side.server is not None:
             await self.side.server.stop(grace_s)
 
 
@@ -235,11 +240,11 @@ class RemoteAdmin:
     """`AdminOperations` for a router actor: each operation runs in the controller. Event times
     come back on the router's clock (the two may run on different machines)."""
 
-    def __init__(self, name: str, spec, controller: ray.actor.ActorHandle):
+    def __init__(self, name: str, spec, controller: ray.actor.ActorHandle, store):
         self.name = name
         self.spec = spec
         self._controller = controller
-        self.store = None  # the router's PlacementStore, set once the router is built
+        self.store = store  # the router's PlacementStore
 
     @property
     def placement(self) -> Placement:

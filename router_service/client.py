@@ -99,8 +99,12 @@ class MoEClient:
         raise TimeoutError(f"server at {self.address} not SERVING after {timeout_s:.0f}s (last: {last})")
 
     def infer(self, model: str, hidden: np.ndarray, layer: int | None = None, topk: bool = False,
-              timeout_s: float | None = None, datatype: str | None = None) -> InferResult:
-        response = self._stub.ModelInfer(build_request(model, hidden, layer, topk, datatype), timeout=timeout_s)
+              timeout_s: float | None = None, datatype: str | None = None,
+              wait_for_ready: bool = False) -> InferResult:
+        """`wait_for_ready`: while the server is unreachable (e.g. restarting), wait for it
+        within the deadline instead of failing at once with UNAVAILABLE."""
+        response = self._stub.ModelInfer(build_request(model, hidden, layer, topk, datatype), timeout=timeout_s,
+                                         wait_for_ready=wait_for_ready)
         return parse_response(response)
 
     def model_metadata(self, model: str, timeout_s: float | None = None) -> pb.ModelMetadataResponse:

@@ -44,10 +44,11 @@ class RouterServer:
 
 async def start_server(
     models: dict[str, ModelRouter], host: str, port: int, max_message_bytes: int,
-    admins: dict[str, AdminOperations] | None = None,
+    admins: dict[str, AdminOperations] | None = None, serving: bool = False,
 ) -> RouterServer:
-    """Bind and start; health starts NOT_SERVING until `set_serving(True)`. With `admins`, the
-    admin service (load, placement, rebalance) is served on the same port."""
+    """Bind and start; health starts NOT_SERVING until `set_serving(True)` (or SERVING at
+    once with `serving`). With `admins`, the admin service (load, placement, rebalance) is
+    served on the same port."""
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -67,7 +68,7 @@ async def start_server(
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind the gRPC server to {host}:{port} (port in use?)")
-    await server.start()
     result = RouterServer(server, health_servicer, bound, models)
-    await result.set_serving(False)
+    await result.set_serving(serving)  # before the port opens: the first request sees it
+    await server.start()
     return result

@@ -20,12 +20,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.config import ServeConfig, validate_config
 from cluster.launcher import Deployment
+from cluster.load_driver import FP32_REL_TOL, LoadDriver  # noqa: F401  (LoadDriver: for the tests)
 from cluster.model_spec import ModelSpec
 from router_service.client import MoEClient
 from workers.reference import ReferenceMoE
 
 NAMESPACE = "moe-serve-test"
-FP32_REL_TOL = 1e-5
 # Relative error of answering in a 16-bit type: half an ulp of the largest output, plus slack.
 FP16_REL_TOL = 2e-3  # unit roundoff 2**-11 ~ 4.9e-4
 BF16_REL_TOL = 1.6e-2  # unit roundoff 2**-8 ~ 3.9e-3
@@ -152,3 +152,4 @@ MARKS = [
     pytest.mark.integration,
     pytest.mark.filterwarnings("ignore:The given (buffer|NumPy array) is not writable:UserWarning"),
 ]
+
