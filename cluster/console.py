@@ -158,3 +158,13 @@ def service_summary(status: dict) -> Table:
     if decision is not None:
         rows["last decision"] = escape(f"{decision['action']} -> {decision['target_workers']}: {decision['reason']}")
     return summary_table(f"moe-serve: {status['model']}", rows)
+
+
+def decisions_table(decisions: list[dict], title: str = "autoscaler: recent changes of mind") -> Table:
+    """decisions: dicts with `age_s, action, target_workers, reason`, oldest first."""
+    table = Table(title=title)
+    for col in ("age s", "decision", "workers", "reason"):
+        table.add_column(col, justify="left" if col == "reason" else "right")
+    for d in decisions:
+        table.add_row(f"{d['age_s']:.1f}", d["action"], str(d["target_workers"]), escape(d["reason"]))
+    return table

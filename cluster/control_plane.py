@@ -112,10 +112,14 @@ class ControlPlane:
         self.controller.start()
         self.autoscaler.start()
 
-    async def stop(self) -> None:
-        """Stop deciding, release the workers and the standing resource request."""
+    async def stop_loops(self) -> None:
+        """Stop deciding (idempotent); the workers keep serving."""
         await self.autoscaler.stop()
         await self.controller.stop()
+
+    async def stop(self) -> None:
+        """Stop deciding, release the workers and the standing resource request."""
+        await self.stop_loops()
         self.pool.shutdown()
         self.pool.request_capacity(0)
 
@@ -148,6 +152,7 @@ class ControlPlane:
             "autoscaler": {
                 "mode": self.autoscaler.mode,
                 "decision": None if last is None else {**asdict(last[1]), "inputs": asdict(last[0])},
+                "recent_decisions": [{"age_s": now - at, **asdict(d)} for at, d in self.autoscaler.decisions],
             },
             "scale_events": [_event_dict(e, now) for e in self.reconciler.events],
             "rebalance_events": [_rebalance_dict(e, now, self.placement.version) for e in report.events],

@@ -146,8 +146,7 @@ class Deployment:
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop deciding and taking requests, let in-flight ones finish, release the workers."""
-        await self.plane.autoscaler.stop()
-        await self.plane.controller.stop()
+        await self.plane.stop_loops()
         await self.server.stop(grace_s)
         await self.plane.stop()
 

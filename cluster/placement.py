@@ -104,6 +104,16 @@ class Placement:
             rows = mapping
         return cls(version, num_logical_experts, tuple(tuple(int(e) for e in r) for r in rows))
 
+    def check_successor(self, new: Placement) -> None:
+        """ValueError unless `new` may follow this placement in service: a higher version of
+        the same logical experts."""
+        if new.version <= self.version:
+            raise ValueError(f"placement v{new.version} is not newer than the one in service (v{self.version})")
+        if new.num_logical_experts != self.num_logical_experts:
+            raise ValueError(
+                f"placement has {new.num_logical_experts} logical experts, the model has {self.num_logical_experts}"
+            )
+
     def resized(self, num_workers: int, new_slots: int, version: int) -> Placement:
         """The same replicas on `num_workers` workers: new workers come with `new_slots` empty
         slots; workers past `num_workers` must hold nothing (migrate their replicas first)."""

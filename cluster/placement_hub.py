@@ -75,16 +75,7 @@ class PlacementHub:
 
     async def publish(self, placement: Placement) -> None:
         """Make `placement` current here and at every router. Versions only go up."""
-        if placement.version <= self._current.version:
-            raise ValueError(
-                f"placement v{placement.version} is not newer than the one in service "
-                f"(v{self._current.version})"
-            )
-        if placement.num_logical_experts != self._current.num_logical_experts:
-            raise ValueError(
-                f"placement has {placement.num_logical_experts} logical experts, the model has "
-                f"{self._current.num_logical_experts}"
-            )
+        self._current.check_successor(placement)
         if placement.num_workers > len(self._workers):
             raise ValueError(
                 f"placement v{placement.version} names {placement.num_workers} workers; "

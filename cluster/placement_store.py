@@ -45,16 +45,7 @@ class PlacementStore:
 
     def publish(self, placement: Placement) -> None:
         """Make `placement` current; later batches use it. Versions only go up."""
-        if placement.version <= self._current.version:
-            raise ValueError(
-                f"placement v{placement.version} is not newer than the one in service "
-                f"(v{self._current.version})"
-            )
-        if placement.num_logical_experts != self._current.num_logical_experts:
-            raise ValueError(
-                f"placement has {placement.num_logical_experts} logical experts, the model has "
-                f"{self._current.num_logical_experts}"
-            )
+        self._current.check_successor(placement)
         self._current = placement
 
     def in_use_before(self, version: int) -> int:

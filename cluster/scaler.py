@@ -144,6 +144,7 @@ class Autoscaler:
         self._clock = clock
         self.state = AutoscaleState()
         self.last: tuple[ScaleSnapshot, ScaleDecision] | None = None
+        self.decisions: deque[tuple[float, ScaleDecision]] = deque(maxlen=50)  # (at_s, decision) when it changed
         self.manual: int | None = None
         self._task: asyncio.Task | None = None
         self._scaling: asyncio.Task | None = None
@@ -165,7 +166,13 @@ class Autoscaler:
         if scaling:
             snapshot = ScaleSnapshot(snapshot.tokens_per_s, snapshot.serving_workers, snapshot.pending_workers,
                                      snapshot.queue_delay_ms, snapshot.balancedness, migrating=True)
+        wish_before = self.state.wish
         decision, self.state = decide(snapshot, self.state, self._clock(), self.config, self.bounds)
+        previous = self.last[1] if self.last else None
+        if previous is None or (decision.action, decision.target_workers, self.state.wish) != \
+                (previous.action, previous.target_workers, wish_before):
+            self.decisions.append((self._clock(), decision))  # a change of mind, kept with its reason
+            log.info("autoscaler: %s -> %d workers (%s)", decision.action, decision.target_workers, decision.reason)
         self.last = (snapshot, decision)
         if decision.action != "hold" and not scaling:
             self._start(decision.target_workers, decision.reason)

@@ -13,8 +13,8 @@ import time
 
 from cluster.config import ConfigError, load_config
 from cluster.console import (
-    console, events_table, load_progress, placement_table, scale_events_table, service_summary,
-    worker_load_table,
+    console, decisions_table, events_table, load_progress, placement_table, scale_events_table,
+    service_summary, worker_load_table,
 )
 
 
@@ -112,6 +112,8 @@ def show_status(status: dict) -> None:
     console.print(service_summary(status))
     console.print(worker_load_table(status["workers"]))
     console.print(placement_table(status["model"], status["placement"], status["layers"], status["num_experts"]))
+    if status["autoscaler"]["recent_decisions"]:
+        console.print(decisions_table(status["autoscaler"]["recent_decisions"][-5:]))
     if status["scale_events"]:
         console.print(scale_events_table(status["scale_events"][-10:]))
     if status["rebalance_events"]:

@@ -276,6 +276,11 @@ def test_autoscaler_acts_in_the_background_and_holds_while_scaling():
         assert len(fleet.handles) == 3
         third = await scaler.check()
         assert third.action == "hold" and "at workers.max_workers (3)" in third.reason
+        again = await scaler.check()
+        assert again.action == "hold"
+        # each change of mind is kept once, with its reason; the repeated hold is not
+        assert [d.action for _, d in scaler.decisions] == ["out", "hold", "hold"]
+        assert "at workers.max_workers" in scaler.decisions[-1][1].reason
         await scaler.stop()
 
     asyncio.run(scenario())
