@@ -8,7 +8,8 @@ new workers, make-before-break placement changes).
 The rule, in expert-tokens per second (a token routed to k experts counts k times):
 - **out** when the load per counted worker (serving + pending) is above
   `target_tokens_per_s_per_worker`, or requests wait longer than `max_queue_delay_ms` in the
-  router's queue: to `ceil(load / target)` workers, at least one more, at most `max_step` more.
+  router's queue (unless workers are pending: the queue cannot shrink before they serve): to
+  `ceil(load / target)` workers, at least one more, at most `max_step` more.
 - **in** when one worker fewer would still carry less than `downscale_utilization x target`
   each, nothing is pending and the queue is short: to `ceil(load / (utilization x target))`,
   at most `max_step` fewer.
@@ -98,6 +99,9 @@ def _wish(snapshot: ScaleSnapshot, config: AutoscalingConfig, low: int, high: in
     state = (f"{per_worker:,.0f} tok/s per worker (target {target_tps:,.0f}), queue "
              f"{snapshot.queue_delay_ms:.0f} ms, balancedness {snapshot.balancedness:.2f}")
     slow = snapshot.queue_delay_ms > config.max_queue_delay_ms
+    if slow and snapshot.pending_workers and per_worker <= target_tps:
+        # the queue cannot shrink before the pending workers serve; asking for more would overshoot
+        return "hold", counted, f"{state}: queue delay above {config.max_queue_delay_ms:g} ms, waiting for {snapshot.pending_workers} pending workers"
     if per_worker > target_tps or slow:
         if counted >= high:
             return "hold", counted, f"{state}: at workers.max_workers ({high})"

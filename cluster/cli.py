@@ -29,6 +29,7 @@ from cluster.console import (
 )
 from cluster.placement import Placement
 from cluster.service_cli import HANDLERS as SERVICE_HANDLERS, add_service_parsers
+from cluster.simulate_cli import add_simulate_parser, cmd_simulate
 
 
 def _serve_parser(sub) -> None:
@@ -327,10 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     _demo_parser(sub)
     _admin_parsers(sub)
     add_service_parsers(sub)
+    add_simulate_parser(sub)
     args = parser.parse_args(argv)
     handlers = {
         "serve": cmd_serve, "infer": cmd_infer, "demo": cmd_demo,
-        "load": cmd_load, "placement": cmd_placement, "rebalance": cmd_rebalance, **SERVICE_HANDLERS,
+        "load": cmd_load, "placement": cmd_placement, "rebalance": cmd_rebalance, "simulate": cmd_simulate,
+        **SERVICE_HANDLERS,
     }
     try:
         return handlers[args.command](args)

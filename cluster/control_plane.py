@@ -20,7 +20,7 @@ from cluster.admin import ModelAdmin
 from cluster.config import ServeConfig
 from cluster.controller import Controller
 from cluster.load_stats import LoadBoard
-from cluster.placement import Placement
+from cluster.placement import Placement, slots_per_worker
 from cluster.placement_hub import PlacementHub, RouterLink
 from cluster.planner import layer_balancedness
 from cluster.rebalancer import Rebalancer
@@ -41,25 +41,6 @@ def weights_for(config: ServeConfig) -> WeightSource:
         random_spec=random.spec() if random else None,
         seed=random.seed if random else 0,
     )
-
-
-def slots_per_worker(num_logical_experts: int, num_workers: int, configured: int | None,
-                     min_replicas: int = 1) -> int:
-    """The configured slots, or room for `min_replicas` of every expert on `num_workers`
-    workers (the fewest the service may run on) plus 25% for hot replicas.
-
-    ValueError naming the keys when the configured slots cannot hold every expert there.
-    """
-    needed = -(-num_logical_experts * min_replicas // num_workers)
-    if configured is None:
-        return needed + max(1, needed // 4)
-    if configured < needed:
-        raise ValueError(
-            f"workers.slots_per_worker ({configured}) is too small: {num_logical_experts} logical "
-            f"experts x rebalance.min_replicas ({min_replicas}) on workers.min_workers ({num_workers}) "
-            f"workers need at least {needed} slots per worker"
-        )
-    return configured
 
 
 class LoadFeed:

@@ -18,7 +18,7 @@ import torch
 
 from cluster.admin import ModelAdmin
 from cluster.config import RayConfig, RouterConfig, ServeConfig
-from cluster.control_plane import ControlPlane, LoadProgress, slots_per_worker, start_control_plane, weights_for
+from cluster.control_plane import ControlPlane, LoadProgress, start_control_plane, weights_for
 from cluster.controller import Controller
 from cluster.load_stats import RouterReport
 from cluster.model_spec import ModelSpec
@@ -34,7 +34,7 @@ from workers.weights import WeightSource
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Deployment", "RouterSide", "connect_ray", "deploy", "slots_per_worker", "build_router", "weights_for"]
+__all__ = ["Deployment", "RouterSide", "build_router", "connect_ray", "deploy", "weights_for"]
 
 
 def connect_ray(config: RayConfig, **init_options) -> None:

@@ -197,3 +197,22 @@ class Placement:
             if key not in data:
                 raise ValueError(f"placement is missing key {key!r}; it has {sorted(data)}")
         return cls.from_mapping(int(data["version"]), int(data["num_logical_experts"]), data["slots"])
+
+
+def slots_per_worker(num_logical_experts: int, num_workers: int, configured: int | None,
+                     min_replicas: int = 1) -> int:
+    """The configured slots, or room for `min_replicas` of every expert on `num_workers`
+    workers (the fewest the service may run on) plus 25% for hot replicas.
+
+    ValueError naming the keys when the configured slots cannot hold every expert there.
+    """
+    needed = -(-num_logical_experts * min_replicas // num_workers)
+    if configured is None:
+        return needed + max(1, needed // 4)
+    if configured < needed:
+        raise ValueError(
+            f"workers.slots_per_worker ({configured}) is too small: {num_logical_experts} logical "
+            f"experts x rebalance.min_replicas ({min_replicas}) on workers.min_workers ({num_workers}) "
+            f"workers need at least {needed} slots per worker"
+        )
+    return configured

@@ -107,7 +107,7 @@ def layer_balancedness(placement: Placement, load: np.ndarray) -> np.ndarray:
     load: `[L, E]` tokens per logical expert; each expert's load is split evenly over its
     replicas.
     """
-    worker_layer = _worker_layer_load(placement, load)  # [W, L]
+    worker_layer = worker_layer_load(placement, load)  # [W, L]
     peak = worker_layer.max(axis=0)
     mean = worker_layer.mean(axis=0)
     return np.where(peak > 0, mean / np.where(peak > 0, peak, 1.0), 1.0)
@@ -417,7 +417,7 @@ def _assemble_rows(holds, caps, current):
     return tuple(rows)
 
 
-def _worker_layer_load(placement: Placement, load: np.ndarray) -> np.ndarray:
+def worker_layer_load(placement: Placement, load: np.ndarray) -> np.ndarray:
     """`[W, L]` load per worker and layer; `load` `[L, E]` split evenly over replicas."""
     load = np.asarray(load, dtype=np.float64)
     if load.ndim != 2 or load.size != placement.num_logical_experts:
@@ -425,10 +425,10 @@ def _worker_layer_load(placement: Placement, load: np.ndarray) -> np.ndarray:
             f"load of shape {load.shape} does not cover the placement's "
             f"{placement.num_logical_experts} logical experts as [layers, experts]"
         )
+    num_layers, num_experts = load.shape
+    pairs = np.array([(w, e) for w, row in enumerate(placement.slots) for e in row if e != EMPTY], dtype=np.int64)
+    workers, experts = pairs[:, 0], pairs[:, 1]
     per_replica = load.reshape(-1) / np.maximum(placement.replica_counts, 1)
-    out = np.zeros((placement.num_workers, load.shape[0]))
-    for w, row in enumerate(placement.slots):
-        for expert in row:
-            if expert != EMPTY:
-                out[w, expert // load.shape[1]] += per_replica[expert]
-    return out
+    cells = workers * num_layers + experts // num_experts
+    return np.bincount(cells, weights=per_replica[experts], minlength=placement.num_workers * num_layers).reshape(
+        placement.num_workers, num_layers)

@@ -29,6 +29,9 @@ def snap(tps: float, serving: int, pending: int = 0, queue_ms: float = 0.0, migr
         pytest.param(snap(20000, 7), "out", 8, "load above target", id="out-limited-by-max-workers"),
         # 1500 on 2 = 750 each, under target, but the queue waits 150 ms > 100: one more -> 3
         pytest.param(snap(1500, 2, queue_ms=150), "out", 3, "queue delay above 100 ms", id="queue-delay"),
+        # 1500 on 2 + 1 pending = 500 each, queue 150 ms: the pending worker will shorten it: hold
+        pytest.param(snap(1500, 2, pending=1, queue_ms=150), "hold", 3, "waiting for 1 pending workers",
+                     id="queue-delay-waits-for-pending"),
         # 1800 on 2 = 900 each: under target; one fewer would carry 1800 > 500: hold
         pytest.param(snap(1800, 2), "hold", 2, "tok/s per worker", id="in-band"),
         # 900 on 4: 3 workers would carry 300 < 500 each: ceil(900 / 500) = 2

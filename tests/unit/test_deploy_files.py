@@ -28,7 +28,7 @@ RANDOM_MODELS = [p for p in DEPLOYMENTS if load_config(p).model.random_or_defaul
 @pytest.mark.parametrize("path", RANDOM_MODELS, ids=lambda p: p.name)
 def test_shipped_random_models_fit_their_slots(path):
     """(A checkpoint's expert count is known only once it is read; the service checks it then.)"""
-    from cluster.control_plane import slots_per_worker
+    from cluster.placement import slots_per_worker
 
     config = load_config(path)
     spec = config.model.random_or_default.spec()

@@ -11,7 +11,7 @@ import pytest
 
 from cluster.autoscaler import ScaleSnapshot
 from cluster.config import AutoscalingConfig, RebalanceConfig
-from cluster.control_plane import slots_per_worker
+from cluster.placement import slots_per_worker
 from cluster.controller import Controller
 from cluster.load_stats import LoadBoard, LoadSnapshot, RouterReport
 from cluster.placement import EMPTY, Placement
