@@ -153,6 +153,10 @@ def _admin_parsers(sub) -> None:
     common = _admin_options()
     p = sub.add_parser("load", parents=[common], help="routed load per expert, balancedness, workers, events")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--record", metavar="FILE.jsonl", help="append a load trace line every --interval-s until Ctrl-C "
+                                                          "(or --duration-s); replay it with `moe-serve simulate --trace`")
+    p.add_argument("--interval-s", type=float, default=10.0, help="seconds between recorded lines")
+    p.add_argument("--duration-s", type=float, help="stop recording after this long")
     p = sub.add_parser("rebalance", parents=[common], help="plan and apply a new placement now if it gains enough")
     p.add_argument("--force", action="store_true", help="apply the plan whatever it gains")
     p.add_argument("--json", action="store_true", help="print the event as JSON")
@@ -202,6 +206,8 @@ def _print_event(event, as_json: bool = False) -> None:
 def cmd_load(args) -> int:
     from router_service.admin_client import load_to_dict
 
+    if args.record:
+        return _record_trace(args)
     with _admin(args) as admin:
         data = load_to_dict(admin.load(args.model))
     if args.json:
@@ -217,6 +223,27 @@ def cmd_load(args) -> int:
         console.print(events_table(data["recent_events"]))
     else:
         console.print("no rebalance events yet")
+    return 0
+
+
+def _record_trace(args) -> int:
+    """Append the load window's rates to a trace file every `interval_s` (wall-clock `t_s`)."""
+    from cluster.traces import append_jsonl
+    from router_service.admin_client import load_to_dict
+
+    start = time.monotonic()
+    lines = 0
+    with _admin(args) as admin:
+        try:
+            while args.duration_s is None or time.monotonic() - start < args.duration_s:
+                append_jsonl(args.record, time.time(), load_to_dict(admin.load(args.model)))
+                lines += 1
+                console.print(f"recorded {lines} lines to {args.record}", end="\r", highlight=False)
+                time.sleep(args.interval_s)
+        except KeyboardInterrupt:
+            pass
+    console.print(f"recorded {lines} lines to {args.record}; replay with `moe-serve simulate --trace {args.record}`",
+                  highlight=False)
     return 0
 
 

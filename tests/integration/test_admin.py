@@ -219,6 +219,19 @@ def test_cli_load_prints_tables_and_json(served):
     assert [w["index"] for w in data["workers"]] == [0, 1]
 
 
+def test_cli_load_records_a_trace_the_simulator_replays(served, tmp_path):
+    from cluster.traces import LoadTrace
+
+    trace_file = tmp_path / "recorded.jsonl"
+    ok(cli(served, "load", "--record", str(trace_file), "--interval-s", "0.2", "--duration-s", "0.7"))
+    lines = [json.loads(line) for line in trace_file.read_text().splitlines()]
+    assert len(lines) >= 3 and all(l["layers"] == list(served.spec.moe_layers) for l in lines)
+    assert [l["t_s"] for l in lines] == sorted(l["t_s"] for l in lines)
+    trace = LoadTrace.from_jsonl(trace_file, step_s=0.2)
+    assert (trace.layers, trace.experts) == (served.spec.num_moe_layers, served.spec.num_experts)
+    assert trace.tokens_per_s.sum() > 0  # the module's earlier requests are in the window
+
+
 def test_cli_placement_show(served, admin):
     version = admin.placement(MODEL).version
     out = ok(cli(served, "placement", "show"))
