@@ -11,24 +11,29 @@ import argparse
 import json
 import time
 
-from cluster.config import ConfigError, load_config
+from cluster.config import ConfigError, RayConfig, load_config
 from cluster.console import (
     console, decisions_table, events_table, load_progress, placement_table, scale_events_table,
     service_summary, worker_load_table,
 )
 
 
+DEFAULT_NAMESPACE = RayConfig().namespace
+
+
 def add_service_parsers(sub) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--address", help="Ray cluster to join ('auto' or host:port); default: ray.address of the config, else auto")
-    common.add_argument("--namespace", default="moe-serve", help="Ray namespace of the deployment")
+    common.add_argument("--address", help="Ray cluster to join ('auto' or host:port); default: ray.address of the config")
+    common.add_argument("--namespace", help="Ray namespace of the deployment; default: ray.namespace of the config")
     p = sub.add_parser("deploy", parents=[common], help="start a long-lived service on a Ray cluster")
     p.add_argument("config", help="deployment YAML (model, workers, autoscaling, router)")
     p.add_argument("--model-name", help="name clients use (model.name)")
     p.add_argument("--port", type=int, help="gRPC port of the router (router.port)")
     p.add_argument("--host", help="bind address of the router (router.host)")
     p.add_argument("--timeout-s", type=float, default=1800.0, help="give up when the service is not serving by then")
-    named = argparse.ArgumentParser(add_help=False, parents=[common])
+    named = argparse.ArgumentParser(add_help=False)
+    named.add_argument("--address", default="auto", help="Ray cluster to join ('auto' or host:port)")
+    named.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="Ray namespace of the deployment")
     named.add_argument("--model", default="moe", help="model name of the deployment")
     p = sub.add_parser("status", parents=[named], help="workers, placement, load, autoscaler decisions, events")
     p.add_argument("--json", action="store_true", help="print the status as JSON")
@@ -42,7 +47,6 @@ def add_service_parsers(sub) -> None:
 
 
 def _connect(address: str, namespace: str) -> None:
-    from cluster.config import RayConfig
     from cluster.launcher import connect_ray
 
     connect_ray(RayConfig(address=address, namespace=namespace))
@@ -55,7 +59,7 @@ def cmd_deploy(args) -> int:
 
     config = load_config(args.config).with_overrides(**{
         "model.name": args.model_name, "router.port": args.port, "router.host": args.host,
-        "ray.namespace": args.namespace if args.namespace != "moe-serve" else None,
+        "ray.namespace": args.namespace,
     })
     address = args.address or config.ray.address
     if address is None:
@@ -73,8 +77,11 @@ def cmd_deploy(args) -> int:
                 raise TimeoutError(f"the service was not serving after {args.timeout_s:.0f}s; removed it")
         try:
             address = ray.get(started)
-        except Exception:
+        except ray.exceptions.RayTaskError as err:  # e.g. a checkpoint that cannot be read
             ray.kill(controller)
+            cause = err.cause
+            if isinstance(cause, (ValueError, TypeError, OSError)):
+                raise cause from None  # its message, without the actor's traceback
             raise
         progress(*ray.get(controller.progress.remote()))
     console.print(
@@ -89,7 +96,7 @@ def cmd_deploy(args) -> int:
 def _controller(args):
     from cluster.service import find_controller
 
-    _connect(args.address or "auto", args.namespace)
+    _connect(args.address, args.namespace)
     return find_controller(args.model, args.namespace)
 
 

@@ -177,6 +177,11 @@ def test_deploy_status_scale_shutdown_from_the_command_line(ray_cluster, tmp_pat
     with pytest.raises(ValueError, match="no moe-serve deployment of model 'it-svc-cli'"):
         find_controller(name, NAMESPACE)
     wait_until(lambda: not _named_alive(worker_name(name, 0)), 30, "the workers to go")
+    broken = dict(config, model={"name": name, "checkpoint": str(tmp_path / "no-such-checkpoint")})
+    path.write_text(yaml.safe_dump(broken))
+    refused = cli("deploy", str(path))
+    assert refused.returncode == 2 and "no-such-checkpoint" in refused.stdout, refused.stdout + refused.stderr
+    assert "Traceback" not in refused.stdout
     missing = cli("status", "--model", name)
     assert missing.returncode == 2 and "start one with `moe-serve deploy" in missing.stdout
     assert controller_name(name) not in {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
