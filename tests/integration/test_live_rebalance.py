@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import torch
 
 from cluster.config import validate_config
 from cluster.traffic import SkewedTraffic
-from router_service.client import MoEClient
 from cluster.placement import Placement
-from tests.integration.support import FP32_REL_TOL, MARKS, run_on, serve_config
+from tests.integration.support import MARKS, LoadDriver, run_on, serve_config
 
 pytestmark = MARKS
 
@@ -36,33 +33,20 @@ def test_outputs_stay_exact_while_hot_experts_move(live, server_loop):
     spec = live.spec
     traffic = SkewedTraffic({l: live.deployment.weights.gate_weight(l) for l in spec.moe_layers}, s=1.4, seed=3, aim=2)
     lock = threading.Lock()
-    outcomes: list[tuple[str, int]] = []  # (status, placement version)
-    stop_at = time.monotonic() + 10.0
 
-    def drive(seed: int) -> None:
-        rng = np.random.default_rng(seed)
-        with MoEClient(live.address) as client:
-            while time.monotonic() < stop_at:
-                layer = int(rng.integers(spec.num_moe_layers))
-                with lock:
-                    x, _ = traffic.sample(layer, int(rng.integers(16, 96)))
-                try:
-                    got = client.infer(live.name, x, layer=layer, timeout_s=30)
-                except Exception as err:  # counted: the test requires none
-                    with lock:
-                        outcomes.append((repr(err), -1))
-                    continue
-                want, _, _ = live.expected(layer, x)
-                rel = float((torch.from_numpy(got.hidden_states.copy()) - want).abs().max() / want.abs().max())
-                with lock:
-                    outcomes.append(("OK" if rel < FP32_REL_TOL else f"wrong: rel {rel:.2e}", got.placement_version))
+    def skewed(layer: int, tokens: int, rng) -> np.ndarray:
+        with lock:
+            return traffic.sample(layer, tokens)[0]
+
+    def expected(layer: int, x: np.ndarray):
+        return live.expected(layer, x)[0]
 
     version_before = live.deployment.placement.version
     controller = live.deployment.controller
     slots = controller.capacity[0]
     spread = Placement.round_robin(spec.num_logical_experts, 2, slots)
-    with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(drive, seed) for seed in range(4)]
+    driver = LoadDriver(live.address, live.name, spec, expected, threads=4, sample=skewed).start()
+    try:
         time.sleep(4.0)  # the controller replicates the hot experts on its own
         for i in range(4):  # then on-demand moves, back and forth, under the same load
             if i == 2:
@@ -71,13 +55,12 @@ def test_outputs_stay_exact_while_hot_experts_move(live, server_loop):
             target = spread if i % 2 == 0 else controller.plan()
             run_on(server_loop, controller.apply(target, reason=f"test move {i}"))
             time.sleep(1.0)
-        for f in futures:
-            f.result()
+    finally:
+        tally = driver.stop()
 
-    bad = [o for o in outcomes if o[0] != "OK"]
-    assert not bad, bad[:5]
-    assert len(outcomes) > 50
-    versions = {v for _, v in outcomes}
+    assert set(tally) == {"OK"}, (tally, driver.errors[:5])
+    assert tally["OK"] > 50
+    versions = {v for _, v in driver.outcomes}
     applied = [e for e in controller.events if e.report is not None]
     automatic = [e for e in applied if not e.reason.startswith("test move")]
     assert automatic, list(controller.events)  # the controller replicated hot experts by itself
