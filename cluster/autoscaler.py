@@ -66,6 +66,7 @@ class ScaleDecision:
     action: Action
     target_workers: int
     reason: str
+    trigger: str = "load"  # what calls for it: load, queue or bounds
 
 
 def decide(snapshot: ScaleSnapshot, state: AutoscaleState, now_s: float, config: AutoscalingConfig,
@@ -75,12 +76,12 @@ def decide(snapshot: ScaleSnapshot, state: AutoscaleState, now_s: float, config:
     counted = snapshot.counted_workers
     load = f"{snapshot.tokens_per_s:,.0f} tok/s on {counted} workers"
     if counted < low:
-        return ScaleDecision("out", low, f"below workers.min_workers ({counted} < {low})"), AutoscaleState()
+        return ScaleDecision("out", low, f"below workers.min_workers ({counted} < {low})", "bounds"), AutoscaleState()
     if counted > high:
-        return ScaleDecision("in", high, f"above workers.max_workers ({counted} > {high})"), AutoscaleState()
+        return ScaleDecision("in", high, f"above workers.max_workers ({counted} > {high})", "bounds"), AutoscaleState()
     if snapshot.migrating:
         return ScaleDecision("hold", counted, f"a placement change is running ({load})"), state
-    wish, target, why = _wish(snapshot, config, low, high)
+    wish, target, why, trigger = _wish(snapshot, config, low, high)
     if wish == "hold":
         return ScaleDecision("hold", counted, why), AutoscaleState()
     if state.wish != wish:
@@ -89,10 +90,10 @@ def decide(snapshot: ScaleSnapshot, state: AutoscaleState, now_s: float, config:
     waited = now_s - state.since_s
     if waited < delay:
         return ScaleDecision("hold", counted, f"{why}; waiting {waited:.1f}s of {delay:g}s"), state
-    return ScaleDecision(wish, target, why), replace(state, wish=None)
+    return ScaleDecision(wish, target, why, trigger), replace(state, wish=None)
 
 
-def _wish(snapshot: ScaleSnapshot, config: AutoscalingConfig, low: int, high: int) -> tuple[Action, int, str]:
+def _wish(snapshot: ScaleSnapshot, config: AutoscalingConfig, low: int, high: int) -> tuple[Action, int, str, str]:
     counted = snapshot.counted_workers
     target_tps = config.target_tokens_per_s_per_worker
     per_worker = snapshot.tokens_per_s / max(counted, 1)
@@ -101,19 +102,19 @@ def _wish(snapshot: ScaleSnapshot, config: AutoscalingConfig, low: int, high: in
     slow = snapshot.queue_delay_ms > config.max_queue_delay_ms
     if slow and snapshot.pending_workers and per_worker <= target_tps:
         # the queue cannot shrink before the pending workers serve; asking for more would overshoot
-        return "hold", counted, f"{state}: queue delay above {config.max_queue_delay_ms:g} ms, waiting for {snapshot.pending_workers} pending workers"
+        return "hold", counted, f"{state}: queue delay above {config.max_queue_delay_ms:g} ms, waiting for {snapshot.pending_workers} pending workers", "queue"
     if per_worker > target_tps or slow:
         if counted >= high:
-            return "hold", counted, f"{state}: at workers.max_workers ({high})"
+            return "hold", counted, f"{state}: at workers.max_workers ({high})", "load"
         wanted = max(math.ceil(snapshot.tokens_per_s / target_tps), counted + 1)
         target = min(wanted, counted + config.max_step, high)
-        cause = f"queue delay above {config.max_queue_delay_ms:g} ms" if slow else "load above target"
-        return "out", target, f"{state}: {cause}"
+        cause = "load above target" if per_worker > target_tps else f"queue delay above {config.max_queue_delay_ms:g} ms"
+        return "out", target, f"{state}: {cause}", "load" if per_worker > target_tps else "queue"
     floor = config.downscale_utilization * target_tps
     if counted > low and snapshot.pending_workers == 0 and counted > 1 \
             and snapshot.tokens_per_s / (counted - 1) < floor \
             and snapshot.queue_delay_ms <= config.downscale_utilization * config.max_queue_delay_ms:
         wanted = max(math.ceil(snapshot.tokens_per_s / floor), 1)
         target = max(wanted, counted - config.max_step, low)
-        return "in", target, f"{state}: {counted - 1} workers would carry < {floor:,.0f} tok/s each"
-    return "hold", counted, state
+        return "in", target, f"{state}: {counted - 1} workers would carry < {floor:,.0f} tok/s each", "load"
+    return "hold", counted, state, "load"

@@ -148,6 +148,16 @@ class AutoscalingConfig(_Section):
     start_timeout_s: Annotated[float, Field(gt=0, description="give up on a new worker that has no node to run on after this long (cloud nodes take minutes)")] = 600.0
 
 
+class MonitoringConfig(_Section):
+    """Metrics on Ray's Prometheus endpoint and the history behind `moe-serve status --png`."""
+
+    enabled: Annotated[bool, Field(description="export metrics through ray.util.metrics")] = True
+    interval_s: Annotated[float, Field(gt=0, description="how often the control plane refreshes its gauges and load history")] = 1.0
+    expert_series: Annotated[int, Field(ge=0, description="export load and replicas per (layer, expert) while the model has at most this many logical experts")] = 256
+    hot_experts: Annotated[int, Field(ge=1, description="beyond expert_series, export the load of this many hottest experts, by rank")] = 16
+    history_s: Annotated[float, Field(gt=0, description="how much per-expert load history status pictures show")] = 600.0
+
+
 class RouterConfig(_Section):
     host: Annotated[str, Field(description="address the gRPC server binds; 0.0.0.0 exposes it")] = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535, description="gRPC port; 0 picks a free one")] = 8001
@@ -170,6 +180,7 @@ class ServeConfig(_Section):
     router: RouterConfig = RouterConfig()
     rebalance: RebalanceConfig = RebalanceConfig()
     autoscaling: AutoscalingConfig = AutoscalingConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")

@@ -80,14 +80,18 @@ def placement_table(model: str, placement: dict, layers: Sequence[int], num_expe
 def worker_load_table(workers: list[dict]) -> Table:
     """workers: dicts with `index, node_id, replicas, calls, tokens, busy_s, outstanding_tokens`
     (counters since the workers started; outstanding: tokens in hand now)."""
+    rates = bool(workers) and "busy_fraction" in workers[0]  # the service's status has rates too
     table = Table(title="workers")
-    for col in ("worker", "node", "replicas", "calls", "tokens", "busy s", "outstanding"):
+    columns = ["worker", "node", "replicas", "calls", "tokens", "busy s", "outstanding"]
+    columns += ["tokens/s", "busy"] if rates else []
+    for col in columns:
         table.add_column(col, justify="left" if col == "node" else "right")
     for w in workers:
-        table.add_row(
-            str(w["index"]), str(w["node_id"])[:12], str(w["replicas"]), str(w["calls"]), str(w["tokens"]),
-            f"{w['busy_s']:.2f}", str(w["outstanding_tokens"]),
-        )
+        cells = [str(w["index"]), str(w["node_id"])[:12], str(w["replicas"]), str(w["calls"]), str(w["tokens"]),
+                 f"{w['busy_s']:.2f}", str(w["outstanding_tokens"])]
+        if rates:
+            cells += [f"{w['tokens_per_s']:,.0f}", f"{w['busy_fraction']:.0%}"]
+        table.add_row(*cells)
     return table
 
 

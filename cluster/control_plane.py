@@ -20,6 +20,8 @@ from cluster.admin import ModelAdmin
 from cluster.config import ServeConfig
 from cluster.controller import Controller
 from cluster.load_stats import LoadBoard
+from cluster.metrics import ControlMetrics
+from cluster.observer import Observer
 from cluster.placement import Placement, slots_per_worker
 from cluster.placement_hub import PlacementHub, RouterLink
 from cluster.planner import layer_balancedness
@@ -80,6 +82,7 @@ class ControlPlane:
     reconciler: Reconciler
     autoscaler: Autoscaler
     admin: ModelAdmin
+    observer: Observer
     slots_per_worker: int
 
     @property
@@ -92,9 +95,11 @@ class ControlPlane:
     def start_loops(self) -> None:
         self.controller.start()
         self.autoscaler.start()
+        self.observer.start()
 
     async def stop_loops(self) -> None:
         """Stop deciding (idempotent); the workers keep serving."""
+        await self.observer.stop()
         await self.autoscaler.stop()
         await self.controller.stop()
 
@@ -108,9 +113,13 @@ class ControlPlane:
         """Min over layers of the placement in service under the load window."""
         return _live_balancedness(self.hub, self.feed)
 
-    async def status(self) -> dict:
-        """Everything `moe-serve status` shows, as plain data (JSON-ready)."""
+    async def status(self, history: bool = False) -> dict:
+        """Everything `moe-serve status` shows, as plain data (JSON-ready); with `history`,
+        also the per-expert load over time (for `--png`)."""
         report = await self.admin.load_report()
+        rates = {w["index"]: w for w in self.observer.workers}
+        workers = [{**w, **{k: rates.get(w["index"], {}).get(k, 0.0) for k in ("tokens_per_s", "busy_fraction")}}
+                   for w in report.workers]
         now = time.monotonic()
         last = self.autoscaler.last
         return {
@@ -120,7 +129,7 @@ class ControlPlane:
             "layers": list(self.weights.spec.moe_layers),
             "num_experts": self.weights.spec.num_experts,
             "slots_per_worker": self.slots_per_worker,
-            "workers": report.workers,
+            "workers": workers,
             "pending_workers": self.pool.pending,
             "bounds": list(self.autoscaler.bounds),
             "worker_bundle": self.pool.worker_bundle(),
@@ -137,6 +146,7 @@ class ControlPlane:
             },
             "scale_events": [_event_dict(e, now) for e in self.reconciler.events],
             "rebalance_events": [_rebalance_dict(e, now, self.placement.version) for e in report.events],
+            **({"history": self.observer.history_dict()} if history else {}),
         }
 
 
@@ -192,8 +202,23 @@ async def start_control_plane(config: ServeConfig, progress: LoadProgress | None
         autoscaler = Autoscaler(reconciler, pool, observe, config.autoscaling, config.workers.bounds)
         admin = ModelAdmin(config.model.name, spec, hub, controller, feed.snapshot, pool.stats_async,
                            feed.outstanding, refresh=feed.refresh)
+        observer = Observer(hub, feed, pool.stats_async, lambda: pool.pending,
+                            _control_metrics(config, spec, controller, reconciler),
+                            config.monitoring.interval_s, config.monitoring.history_s)
     except BaseException:
         pool.shutdown()
         raise
     return ControlPlane(config, weights, pool, hub, feed, rebalancer, controller, reconciler, autoscaler,
-                        admin, slots)
+                        admin, observer, slots)
+
+
+def _control_metrics(config: ServeConfig, spec, controller: Controller, reconciler: Reconciler) -> ControlMetrics | None:
+    """The model's control-plane metrics, told of every rebalance and scaling event."""
+    if not config.monitoring.enabled:
+        return None
+    metrics = ControlMetrics(config.model.name, spec.moe_layers, spec.num_experts,
+                             config.monitoring.expert_series, config.monitoring.hot_experts)
+    controller.listeners.append(lambda e: metrics.rebalance(
+        e.kind, e.report.duration_s if e.report else 0.0, e.report.bytes_moved if e.report else 0))
+    reconciler.listeners.append(lambda e: metrics.scale(e.action, e.trigger, e.duration_s))
+    return metrics

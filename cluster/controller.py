@@ -53,7 +53,9 @@ def decide(balancedness: float, state: RebalanceState, now_s: float, config: Reb
 
 @dataclass(frozen=True)
 class RebalanceEvent:
-    """What the controller did and why; `report` is None when it skipped."""
+    """What the controller did and why; `report` is None when it skipped. kind: automatic,
+    forced (rebalance on demand), applied (a given placement), skipped (too little gain) or
+    unchanged (the plan is the placement in service)."""
 
     at_s: float
     reason: str
@@ -61,6 +63,7 @@ class RebalanceEvent:
     balancedness_planned: float
     moves: int
     report: MigrationReport | None
+    kind: str = "automatic"
 
 
 class Controller:
@@ -78,6 +81,7 @@ class Controller:
         self._clock = clock
         self.state = RebalanceState()
         self.events: deque[RebalanceEvent] = deque(maxlen=200)
+        self.listeners: list[Callable[[RebalanceEvent], None]] = []  # told of every event (metrics)
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
 
@@ -140,14 +144,17 @@ class Controller:
         planned = float(layer_balancedness(target, snapshot.expert_tokens).min())
         moves = count_moves(self._hub.current, target)
         if not force and planned - before < self.config.min_gain:
-            event = RebalanceEvent(now, f"skipped: plan gains {planned - before:.3f} < min_gain {self.config.min_gain}", before, planned, moves, None)
+            event = RebalanceEvent(now, f"skipped: plan gains {planned - before:.3f} < min_gain {self.config.min_gain}",
+                                   before, planned, moves, None, "skipped")
             self.state = replace(self.state, floor=before - self.config.hysteresis)
         else:
             changes = target.replica_set != self._hub.current.replica_set
             report = await self._rebalancer.apply(target) if changes else None
-            event = RebalanceEvent(now, reason if changes else f"{reason}: the plan is the placement in service", before, planned, moves, report)
+            kind = ("forced" if force else "automatic") if changes else "unchanged"
+            event = RebalanceEvent(now, reason if changes else f"{reason}: the plan is the placement in service",
+                                   before, planned, moves, report, kind)
             self.state = replace(self.state, floor=planned - self.config.hysteresis)
-        self.events.append(event)
+        self._record(event)
         log.info("rebalance: %s (%.3f -> %.3f, %d moves)", event.reason, before, planned, moves)
         return event
 
@@ -160,14 +167,22 @@ class Controller:
         before = float(self.balancedness().min())
         moves = count_moves(self._hub.current, target)
         if target.replica_set == self._hub.current.replica_set:
-            event = RebalanceEvent(self._clock(), "already in service: nothing to move", before, before, 0, None)
-            self.events.append(event)
+            event = RebalanceEvent(self._clock(), "already in service: nothing to move", before, before, 0, None, "unchanged")
+            self._record(event)
             return event
         report = await self._rebalancer.apply(target)
         after = float(self.balancedness().min())
-        event = RebalanceEvent(self._clock(), reason, before, after, moves, report)
-        self.events.append(event)
+        event = RebalanceEvent(self._clock(), reason, before, after, moves, report, "applied")
+        self._record(event)
         return event
+
+    def _record(self, event: RebalanceEvent) -> None:
+        self.events.append(event)
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception:  # a metrics hiccup must not undo the event
+                log.exception("event listener failed")
 
     def start(self) -> None:
         if self.config.enabled and self._task is None:

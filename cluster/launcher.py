@@ -17,10 +17,11 @@ import ray
 import torch
 
 from cluster.admin import ModelAdmin
-from cluster.config import RayConfig, RouterConfig, ServeConfig
+from cluster.config import RayConfig, ServeConfig
 from cluster.control_plane import ControlPlane, LoadProgress, start_control_plane, weights_for
 from cluster.controller import Controller
 from cluster.load_stats import RouterReport
+from cluster.metrics import RouterMetrics
 from cluster.model_spec import ModelSpec
 from cluster.placement import Placement
 from cluster.placement_store import PlacementStore
@@ -78,12 +79,14 @@ class RouterSide:
     async def take_report(self) -> RouterReport:
         return self.router.take_report()
 
-    async def open(self, config: RouterConfig, admin: AdminOperations) -> RouterServer:
+    async def open(self, config: ServeConfig, admin: AdminOperations) -> RouterServer:
         """Bind the gRPC server and say SERVING. Call it once the router is attached, so it
         never serves with a placement the control plane has moved past."""
+        router = config.router
+        metrics = RouterMetrics([self.router.name]) if config.monitoring.enabled else None
         self.server = await start_server(
-            {self.router.name: self.router}, config.host, config.port, config.max_message_mb * 1024 * 1024,
-            admins={self.router.name: admin}, serving=True,
+            {self.router.name: self.router}, router.host, router.port, router.max_message_mb * 1024 * 1024,
+            admins={self.router.name: admin}, serving=True, metrics=metrics,
         )
         return self.server
 
@@ -159,7 +162,7 @@ async def deploy(config: ServeConfig, progress: LoadProgress | None = None) -> D
         gates = {layer: plane.weights.gate_weight(layer) for layer in spec.moe_layers}
         side = build_router(config, spec, gates, plane.placement, plane.hub.workers)
         await plane.attach(side)
-        await side.open(config.router, plane.admin)
+        await side.open(config, plane.admin)
     except BaseException:
         await plane.stop()
         raise

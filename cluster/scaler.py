@@ -18,7 +18,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from cluster.autoscaler import AutoscaleState, ScaleDecision, ScaleSnapshot, decide
@@ -53,6 +53,7 @@ class ScaleEvent:
     reason: str
     duration_s: float
     migration: MigrationReport | None = None
+    trigger: str = "load"  # what asked for it: load, queue, bounds or manual
 
 
 class Reconciler:
@@ -67,6 +68,7 @@ class Reconciler:
         self._clock = clock
         self._lock = asyncio.Lock()
         self.events: deque[ScaleEvent] = deque(maxlen=200)
+        self.listeners: list[Callable[[ScaleEvent], None]] = []  # told of every event (metrics)
 
     def __repr__(self) -> str:
         return f"Reconciler(workers={len(self._fleet.handles)}, pending={self._fleet.pending})"
@@ -75,7 +77,7 @@ class Reconciler:
     def busy(self) -> bool:
         return self._lock.locked()
 
-    async def scale_to(self, target: int, reason: str) -> ScaleEvent:
+    async def scale_to(self, target: int, reason: str, trigger: str = "load") -> ScaleEvent:
         """Reach `target` serving workers; one change at a time."""
         async with self._lock:
             start, before = self._clock(), len(self._fleet.handles)
@@ -90,7 +92,13 @@ class Reconciler:
                 log.exception("scaling %d -> %d failed", before, target)
                 self._fleet.request_capacity(len(self._fleet.handles))
                 event = self._event("failed", before, start, f"{reason}: {type(err).__name__}: {err}")
+            event = replace(event, trigger=trigger)
             self.events.append(event)
+            for listener in self.listeners:
+                try:
+                    listener(event)
+                except Exception:  # a metrics hiccup must not undo the event
+                    log.exception("event listener failed")
             log.info("scale %s: %d -> %d workers (%s)", event.action, event.from_workers, event.to_workers, event.reason)
             return event
 
@@ -175,7 +183,7 @@ class Autoscaler:
             log.info("autoscaler: %s -> %d workers (%s)", decision.action, decision.target_workers, decision.reason)
         self.last = (snapshot, decision)
         if decision.action != "hold" and not scaling:
-            self._start(decision.target_workers, decision.reason)
+            self._start(decision)
         return decision
 
     async def scale(self, workers: int) -> ScaleEvent:
@@ -189,16 +197,17 @@ class Autoscaler:
         self.manual = workers
         if self._scaling is not None and not self._scaling.done():
             await asyncio.shield(self._scaling)
-        return await self._reconciler.scale_to(workers, f"scaled by hand to {workers} workers")
+        return await self._reconciler.scale_to(workers, f"scaled by hand to {workers} workers", "manual")
 
     def resume(self) -> None:
         """Hand the worker count back to the automatic decisions."""
         self.manual = None
         self.state = AutoscaleState()
 
-    def _start(self, target: int, reason: str) -> None:
+    def _start(self, decision: ScaleDecision) -> None:
         self._scaling = asyncio.get_running_loop().create_task(
-            self._reconciler.scale_to(target, reason), name=f"scale-to-{target}"
+            self._reconciler.scale_to(decision.target_workers, decision.reason, decision.trigger),
+            name=f"scale-to-{decision.target_workers}",
         )
 
     def start(self) -> None:

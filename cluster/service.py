@@ -148,8 +148,8 @@ class ServiceController:
 
     # ---- what the command line asks -----------------------------------------------------------
 
-    async def status(self) -> dict:
-        status = await self.plane.status()
+    async def status(self, history: bool = False) -> dict:
+        status = await self.plane.status(history)
         status.update(address=self._address, namespace=self.config.ray.namespace,
                       up_s=time.time() - self._started_s)
         return status
@@ -217,7 +217,7 @@ class RouterActor:
         side = build_router(self.config, spec, gates, placement, handles, router_id=name)
         self.side = side
         await controller.attach_router.remote(name)
-        await side.open(self.config.router, RemoteAdmin(self.config.model.name, spec, controller, side.store))
+        await side.open(self.config, RemoteAdmin(self.config.model.name, spec, controller, side.store))
 
     async def publish(self, placement: Placement) -> None:
         await self.side.publish(placement)
@@ -307,4 +307,7 @@ def create_controller(config: ServeConfig) -> ray.actor.ActorHandle:
     return ray.remote(ServiceController).options(
         name=name, namespace=namespace, lifetime="detached", num_cpus=0, max_concurrency=1000,
         scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
+        # Ray warns of any ray.get in an async actor, even in the threads (asyncio.to_thread)
+        # where the controller makes its blocking calls so that its event loop stays free.
+        runtime_env={"env_vars": {"RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0"}},
     ).remote(config.model_dump())

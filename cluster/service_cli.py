@@ -37,7 +37,8 @@ def add_service_parsers(sub) -> None:
     named.add_argument("--model", default="moe", help="model name of the deployment")
     p = sub.add_parser("status", parents=[named], help="workers, placement, load, autoscaler decisions, events")
     p.add_argument("--json", action="store_true", help="print the status as JSON")
-    p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
+    p.add_argument("--watch", type=float, metavar="SECONDS", help="a live view, refreshed every SECONDS until Ctrl-C")
+    p.add_argument("--png", metavar="FILE", help="also write a picture: per-expert load over time, placement, workers")
     p = sub.add_parser("scale", parents=[named], help="set the worker count by hand, or hand it back to the autoscaler")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("workers", nargs="?", type=int, help="workers to run (within min/max workers)")
@@ -104,27 +105,48 @@ def cmd_status(args) -> int:
     import ray
 
     controller = _controller(args)
-    while True:
-        status = ray.get(controller.status.remote())
-        if args.json:
-            print(json.dumps(status, indent=2, default=str))
-        else:
-            show_status(status)
-        if not args.watch:
-            return 0
-        time.sleep(args.watch)
+
+    def fetch() -> dict:
+        return ray.get(controller.status.remote(history=bool(args.png)))
+
+    status = fetch()
+    if args.png:
+        from cluster.status_picture import write_status_png
+
+        write_status_png(status, args.png)
+        status.pop("history")
+    if args.json:
+        print(json.dumps(status, indent=2, default=str))
+    elif args.watch:
+        from rich.live import Live
+
+        with Live(status_view(status), console=console, refresh_per_second=4) as live:
+            try:
+                while True:
+                    time.sleep(args.watch)
+                    live.update(status_view(fetch()))
+            except KeyboardInterrupt:
+                pass
+    else:
+        console.print(status_view(status))
+    if args.png:
+        console.print(f"wrote {args.png}", highlight=False)
+    return 0
 
 
-def show_status(status: dict) -> None:
-    console.print(service_summary(status))
-    console.print(worker_load_table(status["workers"]))
-    console.print(placement_table(status["model"], status["placement"], status["layers"], status["num_experts"]))
+def status_view(status: dict):
+    """The status as one renderable: headline, workers, placement, decisions and events."""
+    from rich.console import Group
+
+    parts = [service_summary(status), worker_load_table(status["workers"]),
+             placement_table(status["model"], status["placement"], status["layers"], status["num_experts"])]
     if status["autoscaler"]["recent_decisions"]:
-        console.print(decisions_table(status["autoscaler"]["recent_decisions"][-5:]))
+        parts.append(decisions_table(status["autoscaler"]["recent_decisions"][-5:]))
     if status["scale_events"]:
-        console.print(scale_events_table(status["scale_events"][-10:]))
+        parts.append(scale_events_table(status["scale_events"][-10:]))
     if status["rebalance_events"]:
-        console.print(events_table(status["rebalance_events"][-10:]))
+        parts.append(events_table(status["rebalance_events"][-10:]))
+    return Group(*parts)
 
 
 def cmd_scale(args) -> int:

@@ -52,6 +52,11 @@ class ModelRouter:
         self._queue_delays.append(result.queued_s)
         return result
 
+    @property
+    def queued_tokens(self) -> int:
+        """Tokens waiting for a batch now."""
+        return self._batcher.queued_tokens
+
     def outstanding_tokens_now(self) -> np.ndarray:
         """`[W]` tokens each worker has in hand (queued or running) from this router."""
         return self._layer.outstanding.copy()

@@ -14,7 +14,7 @@ from protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from protos import moe_admin_pb2, moe_admin_pb2_grpc as admin_pb2_grpc
 from router_service.admin_servicer import AdminOperations, AdminServicer
 from router_service.router import ModelRouter
-from router_service.servicer import InferenceServicer
+from router_service.servicer import InferenceServicer, RequestMetrics
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 ADMIN_SERVICE = moe_admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
@@ -45,16 +45,17 @@ class RouterServer:
 async def start_server(
     models: dict[str, ModelRouter], host: str, port: int, max_message_bytes: int,
     admins: dict[str, AdminOperations] | None = None, serving: bool = False,
+    metrics: RequestMetrics | None = None,
 ) -> RouterServer:
     """Bind and start; health starts NOT_SERVING until `set_serving(True)` (or SERVING at
     once with `serving`). With `admins`, the admin service (load, placement, rebalance) is
-    served on the same port."""
+    served on the same port; with `metrics`, every inference request is counted there."""
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
     ])
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(models), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(models, metrics), server)
     services = [INFERENCE_SERVICE]
     if admins is not None:
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(admins), server)

@@ -3,8 +3,11 @@ codes here, in one place; nothing else in the router knows about status codes.""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from importlib.metadata import PackageNotFoundError, version
+from typing import Protocol
 
 import grpc
 
@@ -24,9 +27,17 @@ except PackageNotFoundError:  # running from a source tree
     SERVER_VERSION = "0+unknown"
 
 
+class RequestMetrics(Protocol):
+    """Where finished requests are counted (implemented by `cluster.metrics.RouterMetrics`)."""
+
+    def record_request(self, model: str, code: str, latency_s: float, tokens: int) -> None: ...
+    def queue(self, model: str, tokens: int) -> None: ...
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, models: dict[str, ModelRouter]):
+    def __init__(self, models: dict[str, ModelRouter], metrics: RequestMetrics | None = None):
         self._models = models
+        self._metrics = metrics
 
     def __repr__(self) -> str:
         return f"InferenceServicer(models={sorted(self._models)})"
@@ -80,6 +91,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelInfer(self, request, context):
+        if self._metrics is None:
+            return await self._infer(request, context)
+        start, code, tokens = time.perf_counter(), "OK", 0
+        try:
+            response = await self._infer(request, context)
+            tokens = response.outputs[0].shape[0] if response.outputs else 0
+            return response
+        except asyncio.CancelledError:
+            code = "CANCELLED"  # the client went away or its deadline passed
+            raise
+        except Exception:
+            code = context.code().name if context.code() is not None else "UNKNOWN"  # set by abort
+            raise
+        finally:
+            self._metrics.record_request(request.model_name, code, time.perf_counter() - start, tokens)
+            model = self._models.get(request.model_name)
+            if model is not None:
+                self._metrics.queue(model.name, model.queued_tokens)
+
+    async def _infer(self, request, context):
         try:
             model = self._model(request.model_name, request.model_version)
             if not model.ready:

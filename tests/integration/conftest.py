@@ -30,7 +30,9 @@ def ray_cluster() -> Iterator[None]:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if ray.is_initialized():
         raise RuntimeError("Ray is already initialised in the test process; the integration tier owns it")
-    connect_ray(RayConfig(namespace=NAMESPACE), num_cpus=4, include_dashboard=False)
+    # metrics reach the node's Prometheus endpoint within ~1 s instead of ~10 s
+    connect_ray(RayConfig(namespace=NAMESPACE), num_cpus=4, include_dashboard=False,
+                _system_config={"metrics_report_interval_ms": 1000})
     yield
     ray.shutdown()
 

@@ -6,8 +6,10 @@ Nothing here starts Ray or a server by itself; the fixtures in `conftest.py` do.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
+import urllib.request
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -15,6 +17,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 import pytest
+import ray
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -153,3 +156,23 @@ MARKS = [
     pytest.mark.filterwarnings("ignore:The given (buffer|NumPy array) is not writable:UserWarning"),
 ]
 
+
+METRIC_SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$')
+
+
+def scrape() -> list[tuple[str, dict[str, str], float]]:
+    """Every sample on this node's metrics endpoint: (name, labels, value)."""
+    node = next(n for n in ray.nodes() if n["Alive"])
+    with urllib.request.urlopen(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = []
+    for line in text.splitlines():
+        match = METRIC_SAMPLE.match(line)
+        if match and not line.startswith("#"):
+            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match["labels"] or ""))
+            out.append((match["name"], labels, float(match["value"])))
+    return out
+
+
+def total(samples, name: str, **labels: str) -> float:
+    return sum(v for n, l, v in samples if n == name and all(l.get(k) == want for k, want in labels.items()))

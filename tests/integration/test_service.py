@@ -20,7 +20,8 @@ import yaml
 from cluster.service import controller_name, create_controller, find_controller, router_name
 from router_service.client import MoEClient
 from tests.integration.conftest import reference_weights
-from tests.integration.support import MARKS, NAMESPACE, LoadDriver, free_port, serve_config, wait_until
+from cluster.metrics import exported_name
+from tests.integration.support import MARKS, NAMESPACE, LoadDriver, free_port, scrape, serve_config, total, wait_until
 from workers.pool import worker_name
 from workers.reference import ReferenceMoE
 
@@ -87,6 +88,18 @@ def test_the_service_serves_exactly_and_reports_its_status(service):
     json.dumps(status, default=str)  # what `moe-serve status --json` prints
 
 
+def test_actors_read_well_in_the_ray_dashboard(service):
+    named = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE}
+    mine = {controller_name(service.name), router_name(service.name), worker_name(service.name, 0),
+            worker_name(service.name, 1)}
+    assert mine <= named, (mine, named)
+    reprs = {name: ray.get(ray.get_actor(name, namespace=NAMESPACE).__ray_call__.remote(lambda self: repr(self)),
+                           timeout=30) for name in sorted(mine)}
+    assert reprs[controller_name(service.name)].startswith("ServiceController(model='it-svc'")
+    assert reprs[router_name(service.name)] == f"RouterActor(model='it-svc', address={service.address})"
+    assert reprs[worker_name(service.name, 1)].startswith("ExpertWorker(index=1, replicas=")
+
+
 def test_scaling_by_hand_under_load_loses_no_request(service):
     driver = service.driver(threads=2, seed=10).start()
     try:
@@ -109,6 +122,10 @@ def test_scaling_by_hand_under_load_loses_no_request(service):
         ray.get_actor(worker_name(service.name, 2), namespace=NAMESPACE)
     ray.get(service.controller.scale.remote(None), timeout=30)
     assert service.status()["autoscaler"]["mode"] == "off"
+    # the controller actor exports its events too: one manual scale-out, one scale-in
+    events = exported_name("scale_events") + "_total"
+    wait_until(lambda: [total(scrape(), events, model=service.name, action=a, trigger="manual") for a in ("out", "in")]
+               == [1, 1], 30, "the scaling events on the metrics endpoint", poll_s=0.5)
 
 
 def test_scaling_outside_the_bounds_is_refused(service):
@@ -171,6 +188,9 @@ def test_deploy_status_scale_shutdown_from_the_command_line(ray_cluster, tmp_pat
     assert refused.returncode == 2 and "workers.max_workers is 3" in refused.stdout
     table = cli("status", "--model", name)
     assert table.returncode == 0 and "workers (serving / pending)" in table.stdout and "3 / 0" in table.stdout
+    picture = tmp_path / "status.png"
+    drawn = cli("status", "--model", name, "--png", str(picture))
+    assert drawn.returncode == 0 and picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", drawn.stdout + drawn.stderr
 
     stopped = cli("shutdown", "--model", name, "--grace-s", "1")
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr

@@ -1,0 +1,40 @@
+"""`moe-serve status --png`: a valid PNG with the expected panels, from a status as the control
+plane reports it."""
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from cluster.placement import Placement
+from cluster.status_picture import PANELS, write_status_png
+
+LAYERS, E = [0, 1], 4
+
+
+def status(history_points: int) -> dict:
+    placement = Placement.round_robin(len(LAYERS) * E, 2, 5).to_dict()
+    rng = np.random.default_rng(0)
+    return {
+        "model": "pic", "placement_version": 3, "placement": placement, "layers": LAYERS, "num_experts": E,
+        "tokens_per_s": 1234.0, "balancedness": [0.9, 0.8],
+        "workers": [{"index": 0, "tokens_per_s": 700.0, "busy_fraction": 0.4},
+                    {"index": 1, "tokens_per_s": 500.0, "busy_fraction": 0.3}],
+        "history": {
+            "t_s": [1000.0 + i for i in range(history_points)],
+            "tokens_per_s": rng.random((history_points, len(LAYERS), E)).tolist(),
+            "versions": [0] * (history_points // 2) + [1] * (history_points - history_points // 2),
+        },
+    }
+
+
+@pytest.mark.parametrize("points", [pytest.param(30, id="with-history"), pytest.param(0, id="no-history-yet")])
+def test_status_png_is_valid_with_the_panels(tmp_path, points):
+    path = tmp_path / "status.png"
+
+    titles = write_status_png(status(points), path)
+
+    assert titles == list(PANELS)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = imread(path)
+    assert pixels.shape[0] > 500 and pixels.shape[1] > 800
+    assert pixels.std() > 0.05  # something is drawn, not a blank canvas
