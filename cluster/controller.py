@@ -13,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import numpy as np
 
@@ -24,6 +25,16 @@ from cluster.planner import count_moves, layer_balancedness, plan_placement
 from cluster.rebalancer import MigrationReport, Rebalancer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def notify(listeners: Sequence[Callable[[T], None]], event: T) -> None:
+    """Tell each listener (metrics) of `event`; one that fails is logged, the event stands."""
+    for listener in listeners:
+        try:
+            listener(event)
+        except Exception:
+            log.exception("event listener failed")
 
 
 @dataclass(frozen=True)
@@ -178,11 +189,7 @@ class Controller:
 
     def _record(self, event: RebalanceEvent) -> None:
         self.events.append(event)
-        for listener in self.listeners:
-            try:
-                listener(event)
-            except Exception:  # a metrics hiccup must not undo the event
-                log.exception("event listener failed")
+        notify(self.listeners, event)
 
     def start(self) -> None:
         if self.config.enabled and self._task is None:

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from cluster.autoscaler import AutoscaleState, ScaleDecision, ScaleSnapshot, decide
 from cluster.config import AutoscalingConfig
-from cluster.controller import Controller
+from cluster.controller import Controller, notify
 from cluster.placement_hub import PlacementHub
 from cluster.rebalancer import MigrationReport, Rebalancer
 
@@ -94,11 +94,7 @@ class Reconciler:
                 event = self._event("failed", before, start, f"{reason}: {type(err).__name__}: {err}")
             event = replace(event, trigger=trigger)
             self.events.append(event)
-            for listener in self.listeners:
-                try:
-                    listener(event)
-                except Exception:  # a metrics hiccup must not undo the event
-                    log.exception("event listener failed")
+            notify(self.listeners, event)
             log.info("scale %s: %d -> %d workers (%s)", event.action, event.from_workers, event.to_workers, event.reason)
             return event
 
