@@ -94,6 +94,7 @@ class ControlMetrics:
         self._num_experts = num_experts
         self._per_expert = len(self._layers) * num_experts <= expert_series
         self._top_n = top_n
+        self._worker_series: set[int] = set()
         self._gauges = {name: _make(name) for name, (kind, _, _) in METRICS.items()
                         if kind == "gauge" and name not in ("queue_tokens",)}
         self._rebalances = _make("rebalances")
@@ -126,6 +127,11 @@ class ControlMetrics:
         """per_worker: dicts with `index, tokens_per_s, busy_fraction, outstanding_tokens`."""
         self._set("workers", serving, state="serving")
         self._set("workers", pending, state="pending")
+        now = {int(w["index"]) for w in per_worker}
+        for gone in self._worker_series - now:  # a removed worker's series read 0, not its last value
+            for name in ("worker_tokens_per_s", "worker_busy_fraction", "worker_queue_tokens"):
+                self._set(name, 0.0, worker=gone)
+        self._worker_series = now
         for w in per_worker:
             self._set("worker_tokens_per_s", w["tokens_per_s"], worker=w["index"])
             self._set("worker_busy_fraction", w["busy_fraction"], worker=w["index"])

@@ -43,3 +43,13 @@ def test_big_models_export_the_hottest_by_rank_only(experts):
 def test_no_metric_has_a_per_request_label():
     for name, (_, _, labels) in METRICS.items():
         assert not {"request", "id", "request_id", "client"} & set(labels), name
+
+
+def test_a_removed_workers_series_drop_to_zero():
+    metrics = ControlMetrics("m", [0], 4)
+    metrics._gauges = {name: FakeGauge() for name in metrics._gauges}
+    rates = [{"index": i, "tokens_per_s": 10.0, "busy_fraction": 0.5, "outstanding_tokens": 3} for i in range(3)]
+    metrics.workers(3, 0, rates)
+    metrics.workers(2, 0, rates[:2])
+    busy = {dict(k)["worker"]: v for k, v in metrics._gauges["worker_busy_fraction"].values.items()}
+    assert busy == {"0": 0.5, "1": 0.5, "2": 0.0}
