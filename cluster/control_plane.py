@@ -109,10 +109,6 @@ class ControlPlane:
         self.pool.shutdown()
         self.pool.request_capacity(0)
 
-    def balancedness(self) -> float:
-        """Min over layers of the placement in service under the load window."""
-        return _live_balancedness(self.hub, self.feed)
-
     async def status(self, history: bool = False) -> dict:
         """Everything `moe-serve status` shows, as plain data (JSON-ready); with `history`,
         also the per-expert load over time (for `--png`)."""
@@ -196,8 +192,7 @@ async def start_control_plane(config: ServeConfig, progress: LoadProgress | None
         controller = Controller(hub, feed.snapshot, rebalancer, [slots] * config.workers.count, rebalance,
                                 worker_nodes=pool.worker_nodes(), refresh=feed.refresh)
         reconciler = Reconciler(pool, hub, controller, rebalancer, slots, config.autoscaling.start_timeout_s)
-        observe = observe_fleet(pool, lambda: len(pool.handles), feed.refresh, feed.tokens_per_s,
-                                feed.queue_delay_ms, lambda: _live_balancedness(hub, feed),
+        observe = observe_fleet(pool, feed, lambda: _live_balancedness(hub, feed),
                                 lambda: rebalancer.busy or reconciler.busy)
         autoscaler = Autoscaler(reconciler, pool, observe, config.autoscaling, config.workers.bounds)
         admin = ModelAdmin(config.model.name, spec, hub, controller, feed.snapshot, pool.stats_async,

@@ -70,9 +70,6 @@ class PlacementHub:
         await link.set_workers(self._workers)
         await link.publish(self._current)
 
-    def detach(self, name: str) -> None:
-        self._links.pop(name, None)
-
     async def publish(self, placement: Placement) -> None:
         """Make `placement` current here and at every router. Versions only go up."""
         self._current.check_successor(placement)

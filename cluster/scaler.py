@@ -228,16 +228,23 @@ class Autoscaler:
         self._task = self._scaling = None
 
 
-def observe_fleet(fleet: WorkerFleet, serving_workers: Callable[[], int], refresh: Callable[[], Awaitable[None]],
-                  tokens_per_s: Callable[[], float], queue_delay_ms: Callable[[], float],
-                  balancedness: Callable[[], float], migrating: Callable[[], bool]) -> Callable[[], Awaitable[ScaleSnapshot]]:
+class LoadView(Protocol):
+    """The load as the autoscaler reads it (implemented by `cluster.control_plane.LoadFeed`)."""
+
+    def refresh(self) -> Awaitable[None]: ...
+    def tokens_per_s(self) -> float: ...
+    def queue_delay_ms(self) -> float: ...
+
+
+def observe_fleet(fleet: WorkerFleet, load: LoadView, balancedness: Callable[[], float],
+                  migrating: Callable[[], bool]) -> Callable[[], Awaitable[ScaleSnapshot]]:
     """An `observe()` for the autoscaler out of the control plane's parts."""
 
     async def observe() -> ScaleSnapshot:
-        await refresh()
+        await load.refresh()
         return ScaleSnapshot(
-            tokens_per_s=tokens_per_s(), serving_workers=serving_workers(), pending_workers=fleet.pending,
-            queue_delay_ms=queue_delay_ms(), balancedness=balancedness(), migrating=migrating(),
+            tokens_per_s=load.tokens_per_s(), serving_workers=len(fleet.handles), pending_workers=fleet.pending,
+            queue_delay_ms=load.queue_delay_ms(), balancedness=balancedness(), migrating=migrating(),
         )
 
     return observe
