@@ -11,7 +11,7 @@ import pytest
 
 from cluster.metrics import METRICS, exported_name
 from cluster.placement import EMPTY, Placement
-from tests.integration.support import MARKS, Served, hidden_states, run_on, scrape, serve_config, total, wait_until
+from tests.integration.support import MARKS, LoadDriver, Served, hidden_states, run_on, scrape, serve_config, total, wait_until
 
 pytestmark = MARKS
 
@@ -86,15 +86,19 @@ def with_one_more_replica(placement: Placement) -> Placement:
 
 
 def test_worker_gauges_follow_the_load(served):
-    x = hidden_states(64, RANDOM["hidden"], 99)
-    for _ in range(6):
-        served.client.infer(MODEL, x, layer=0, timeout_s=30)
     name = exported_name("worker_tokens_per_s")
 
     def busy() -> bool:
         return any(n == name and l.get("model") == MODEL and v > 0 for n, l, v in scrape())
 
-    wait_until(busy, 30, "a worker's tokens/s gauge above 0", poll_s=0.5)
+    # the gauge is a rate between two looks: keep the load on while waiting for an export of it
+    expected = lambda layer, x: served.expected(layer, x)[0]  # noqa: E731
+    driver = LoadDriver(served.address, MODEL, served.spec, expected, threads=1, tokens=(32, 64)).start()
+    try:
+        wait_until(busy, 30, "a worker's tokens/s gauge above 0", poll_s=0.5)
+    finally:
+        tally = driver.stop()
+    assert set(tally) == {"OK"}, tally
     states = {l["state"]: v for n, l, v in scrape() if n == exported_name("workers") and l.get("model") == MODEL}
     assert states == {"serving": 2.0, "pending": 0.0}
     assert np.isfinite(total(scrape(), exported_name("placement_version"), model=MODEL))
