@@ -7,6 +7,7 @@ file through `ServeConfig.with_overrides`.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -167,11 +168,58 @@ class RouterConfig(_Section):
     max_message_mb: Annotated[int, Field(ge=1, description="largest request or response message")] = 256
     torch_threads: Annotated[int, Field(ge=1, description="torch threads in the router (gate, combine)")] = 1
     num_cpus: Annotated[float, Field(ge=0, description="CPUs Ray reserves for the router actor (moe-serve deploy)")] = 1.0
+    drain_s: Annotated[float, Field(ge=0, description="on SIGTERM (moe-serve serve): how long health says NOT_SERVING while requests are still served, so load balancers stop sending before the port closes")] = 5.0
+    grace_s: Annotated[float, Field(ge=0, description="after the drain window: how long requests already in flight get to finish once new ones are refused")] = 10.0
 
 
 class RayConfig(_Section):
     address: Annotated[str | None, Field(description="Ray cluster to join ('auto' or host:port); none starts an embedded one")] = None
     namespace: Annotated[str, Field(min_length=1, description="Ray namespace of every actor")] = "moe-serve"
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for a bind address only this machine can reach: localhost, 127.0.0.0/8, ::1."""
+    host = host.strip().strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost
+        return False
+
+
+_File = Annotated[str | None, Field(min_length=1)]
+
+
+class SecurityConfig(_Section):
+    """TLS and bearer tokens for the router's gRPC port. Paths, never secrets: every file is read
+    once when the server starts, on the machine the router runs on, and a missing or unreadable
+    file is refused naming its key and path."""
+
+    tls_cert_file: Annotated[_File, Field(description="PEM server certificate (chain); with tls_key_file the port speaks TLS only")] = None
+    tls_key_file: Annotated[_File, Field(description="PEM private key of tls_cert_file")] = None
+    tls_client_ca_file: Annotated[_File, Field(description="PEM CA bundle; when set, every client must present a certificate it signed (mutual TLS)")] = None
+    inference_tokens_file: Annotated[_File, Field(description="bearer tokens, one per line ('#' comments); when set, inference and reflection calls need one of them or an admin token")] = None
+    admin_tokens_file: Annotated[_File, Field(description="bearer tokens, one per line ('#' comments); when set, admin calls need one of them; required when router.host is not a loopback address")] = None
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> SecurityConfig:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            given, missing = ("tls_cert_file", "tls_key_file") if self.tls_key_file is None else ("tls_key_file", "tls_cert_file")
+            raise ValueError(
+                f"security.{given} ({getattr(self, given)!r}) needs security.{missing} (not set): "
+                f"TLS takes a certificate and its key"
+            )
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError(
+                f"security.tls_client_ca_file ({self.tls_client_ca_file!r}) needs security.tls_cert_file "
+                f"and security.tls_key_file (not set): client certificates are checked only over TLS"
+            )
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
 
 class ServeConfig(_Section):
@@ -182,6 +230,17 @@ class ServeConfig(_Section):
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     monitoring: MonitoringConfig = MonitoringConfig()
     ray: RayConfig = RayConfig()
+    security: SecurityConfig = SecurityConfig()
+
+    @model_validator(mode="after")
+    def _exposed_admin_needs_tokens(self) -> ServeConfig:
+        if not is_loopback_host(self.router.host) and self.security.admin_tokens_file is None:
+            raise ValueError(
+                f"router.host ({self.router.host!r}) is not a loopback address but security.admin_tokens_file "
+                f"is not set: anyone who reaches the port could change the placement. Set "
+                f"security.admin_tokens_file (and TLS), or bind router.host to 127.0.0.1"
+            )
+        return self
 
     @model_validator(mode="after")
     def _sections_agree(self) -> ServeConfig:

@@ -86,7 +86,7 @@ class RouterSide:
         metrics = RouterMetrics([self.router.name]) if config.monitoring.enabled else None
         self.server = await start_server(
             {self.router.name: self.router}, router.host, router.port, router.max_message_mb * 1024 * 1024,
-            admins={self.router.name: admin}, serving=True, metrics=metrics,
+            admins={self.router.name: admin}, serving=True, metrics=metrics, security=config.security,
         )
         return self.server
 

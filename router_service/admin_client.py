@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import grpc
 import numpy as np
 
 from cluster.placement import Placement
 from protos import moe_admin_pb2 as admin_pb2
 from protos import moe_admin_pb2_grpc as admin_pb2_grpc
 from router_service.admin_servicer import placement_from_pb, placement_to_pb
+from router_service.security import ClientCredentials
 
 __all__ = ["AdminClient", "placement_from_pb", "placement_to_pb", "window_tokens", "tokens_per_s"]
 
@@ -31,12 +31,13 @@ def tokens_per_s(response: admin_pb2.LoadResponse) -> np.ndarray:
 
 
 class AdminClient:
-    """Blocking client; safe to share between threads. `timeout_s` None: no deadline."""
+    """Blocking client; safe to share between threads. `timeout_s` None: no deadline.
+    `credentials`: TLS and a bearer token (an admin token) for a secured server."""
 
-    def __init__(self, address: str, timeout_s: float | None = 60.0):
+    def __init__(self, address: str, timeout_s: float | None = 60.0, credentials: ClientCredentials | None = None):
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(address)
+        self._channel = (credentials or ClientCredentials()).channel(address)
         self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
 
     def __repr__(self) -> str:

@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import grpc_predict_v2_pb2 as pb
 from protos import grpc_predict_v2_pb2_grpc as pb_grpc
+from router_service.security import ClientCredentials
 
 _NUMPY_DTYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2"), "INT32": np.dtype("<i4")}
 
@@ -62,12 +63,13 @@ def parse_response(response: pb.ModelInferResponse) -> InferResult:
 
 
 class MoEClient:
-    """Blocking client; safe to share between threads."""
+    """Blocking client; safe to share between threads. `credentials`: TLS and a bearer token
+    for a secured server (default: plaintext, no token)."""
 
-    def __init__(self, address: str, max_message_mb: int = 256):
+    def __init__(self, address: str, max_message_mb: int = 256, credentials: ClientCredentials | None = None):
         limit = max_message_mb * 1024 * 1024
         self.address = address
-        self._channel = grpc.insecure_channel(address, options=[
+        self._channel = (credentials or ClientCredentials()).channel(address, options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
         ])

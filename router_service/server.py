@@ -1,23 +1,120 @@
-"""The router's gRPC server: the inference service, the standard health service and server
-reflection, on one `grpc.aio` server with message size limits in both directions."""
+"""The router's gRPC server: the inference service, the admin service, the standard health
+service and server reflection, on one `grpc.aio` server with message size limits in both
+directions, optionally TLS and bearer tokens (`router_service.security`).
+
+The inference and admin services are registered through `guarded_handlers`, one wrapper for
+every method of both, built from the service descriptors:
+
+- the handler receives the raw bytes and parses them itself, so bytes that are not the
+  method's request message are INVALID_ARGUMENT naming the message type (grpcio's own
+  deserializer would answer INTERNAL, "Exception deserializing request!");
+- an exception that escapes a servicer is logged with its traceback and answered INTERNAL,
+  "<method> failed inside the server; see the server log" (grpcio would send its text to the
+  client, as UNKNOWN);
+- status details longer than `MAX_DETAILS_CHARS` are cut (an error echoing a huge input would
+  otherwise overflow the trailers, and the client would see RESOURCE_EXHAUSTED instead).
+
+Health and reflection are registered as their packages provide them.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cluster.config import is_loopback_host
 from protos import grpc_predict_v2_pb2 as pb
-from protos import grpc_predict_v2_pb2_grpc as pb_grpc
-from protos import moe_admin_pb2, moe_admin_pb2_grpc as admin_pb2_grpc
+from protos import moe_admin_pb2
 from router_service.admin_servicer import AdminOperations, AdminServicer
 from router_service.router import ModelRouter
+from router_service.security import ServerSecurity
 from router_service.servicer import InferenceServicer, RequestMetrics
 
-INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-ADMIN_SERVICE = moe_admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+if TYPE_CHECKING:
+    from cluster.config import SecurityConfig
+
+log = logging.getLogger(__name__)
+
+INFERENCE_DESCRIPTOR = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+ADMIN_DESCRIPTOR = moe_admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
+INFERENCE_SERVICE = INFERENCE_DESCRIPTOR.full_name
+ADMIN_SERVICE = ADMIN_DESCRIPTOR.full_name
+MAX_DETAILS_CHARS = 2000
+
+
+def _bounded(details: str) -> str:
+    if len(details) <= MAX_DETAILS_CHARS:
+        return details
+    return f"{details[:MAX_DETAILS_CHARS]}... ({len(details) - MAX_DETAILS_CHARS} more characters)"
+
+
+class _BoundedContext:
+    """The servicer's context, with `abort` details cut to `MAX_DETAILS_CHARS`."""
+
+    def __init__(self, context: grpc.aio.ServicerContext):
+        self._context = context
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()) -> None:
+        await self._context.abort(code, _bounded(details), trailing_metadata)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+def _parse_error(err: Exception) -> str:
+    """protobuf's "Error parsing message with type 'x': why" -> "why"."""
+    return str(err).rpartition("': ")[2] or type(err).__name__
+
+
+def _guarded(method: MethodDescriptor, behaviour: Callable[[Any, Any], Awaitable[Any]]):
+    request_type = message_factory.GetMessageClass(method.input_type)
+    type_name, method_name = method.input_type.full_name, method.name
+
+    async def handle(raw: bytes, context: grpc.aio.ServicerContext):
+        try:
+            request = request_type.FromString(raw)
+        except Exception as err:  # protobuf's DecodeError; whatever it raises, the bytes are at fault
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"request is not a valid {type_name} protobuf: {_parse_error(err)}")
+        try:
+            return await behaviour(request, _BoundedContext(context))
+        except grpc.aio.AbortError:  # the servicer chose the status
+            raise
+        except Exception:
+            log.exception("%s failed", method.full_name)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{method_name} failed inside the server; see the server log")
+
+    return handle
+
+
+def guarded_handlers(service: ServiceDescriptor, servicer: object) -> dict[str, grpc.RpcMethodHandler]:
+    """A raw-bytes handler for every method of `service`, calling `servicer.<Method>`."""
+    handlers = {}
+    for method in service.methods:
+        if method.client_streaming or method.server_streaming:
+            raise TypeError(f"{method.full_name} streams; guarded_handlers serves unary methods only")
+        response_type = message_factory.GetMessageClass(method.output_type)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            _guarded(method, getattr(servicer, method.name)),
+            request_deserializer=None,  # the handler gets the bytes and parses them itself
+            response_serializer=response_type.SerializeToString,
+        )
+    return handlers
+
+
+def _add_guarded(server: grpc.aio.Server, service: ServiceDescriptor, servicer: object) -> None:
+    handlers = guarded_handlers(service, servicer)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 @dataclass
@@ -26,39 +123,78 @@ class RouterServer:
     health: health.aio.HealthServicer
     port: int
     models: dict[str, ModelRouter]
+    _stopped: bool = field(default=False, repr=False)
 
-    async def set_serving(self, serving: bool) -> None:
+    async def set_health(self, serving: bool) -> None:
+        """What the health service says, for the server and the inference service."""
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for model in self.models.values():
-            model.ready = serving
         for service in ("", INFERENCE_SERVICE):
             await self.health.set(service, status)
 
+    async def set_serving(self, serving: bool) -> None:
+        """Health and the models' readiness: not ready, inference answers UNAVAILABLE."""
+        for model in self.models.values():
+            model.ready = serving
+        await self.set_health(serving)
+
+    async def drain(self, drain_s: float, grace_s: float, say: Callable[[str], None] = log.info,
+                    cut_short: asyncio.Event | None = None) -> None:
+        """Leave service gracefully: health NOT_SERVING at once while requests are still
+        served for `drain_s` (load balancers notice and stop sending; `cut_short` set ends
+        the window early), then `stop(grace_s)`: new requests are refused (UNAVAILABLE) and
+        those in flight get `grace_s` to finish. `say` hears each step."""
+        await self.set_health(False)
+        say(f"draining: health NOT_SERVING; requests are still served for {drain_s:g}s while load balancers notice")
+        if drain_s > 0 and cut_short is None:
+            await asyncio.sleep(drain_s)
+        elif drain_s > 0:
+            try:
+                await asyncio.wait_for(cut_short.wait(), drain_s)
+                say("drain window cut short")
+            except asyncio.TimeoutError:
+                pass
+        say(f"stopping: new requests refused; requests in flight get up to {grace_s:g}s to finish")
+        await self.stop(grace_s)
+
     async def stop(self, grace_s: float = 5.0) -> None:
-        """NOT_SERVING first, then let in-flight calls finish within `grace_s`."""
+        """NOT_SERVING first, then let in-flight calls finish within `grace_s`. Once only:
+        a second call returns at once."""
+        if self._stopped:
+            return
+        self._stopped = True
         await self.set_serving(False)
         await self.server.stop(grace_s)
         for model in self.models.values():
             await model.close()
 
 
+def _bind_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 async def start_server(
     models: dict[str, ModelRouter], host: str, port: int, max_message_bytes: int,
     admins: dict[str, AdminOperations] | None = None, serving: bool = False,
-    metrics: RequestMetrics | None = None,
+    metrics: RequestMetrics | None = None, security: SecurityConfig | None = None,
 ) -> RouterServer:
     """Bind and start; health starts NOT_SERVING until `set_serving(True)` (or SERVING at
     once with `serving`). With `admins`, the admin service (load, placement, rebalance) is
-    served on the same port; with `metrics`, every inference request is counted there."""
-    server = grpc.aio.server(options=[
+    served on the same port; with `metrics`, every inference request is counted there; with
+    `security`, its files are read now (ValueError naming the key and path) and the port
+    speaks TLS and checks tokens as it says."""
+    secured = ServerSecurity.load(security)
+    if not is_loopback_host(host) and secured.credentials is None and not secured.policy.open:
+        log.warning("router on %s without TLS: bearer tokens cross the network in plaintext "
+                    "(set security.tls_cert_file and security.tls_key_file)", host)
+    server = grpc.aio.server(interceptors=secured.interceptors(), options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
     ])
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(models, metrics), server)
+    _add_guarded(server, INFERENCE_DESCRIPTOR, InferenceServicer(models, metrics))
     services = [INFERENCE_SERVICE]
     if admins is not None:
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(admins), server)
+        _add_guarded(server, ADMIN_DESCRIPTOR, AdminServicer(admins))
         services.append(ADMIN_SERVICE)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -66,9 +202,13 @@ async def start_server(
         (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = _bind_address(host, port)
+    if secured.credentials is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, secured.credentials)
     if bound == 0:
-        raise OSError(f"cannot bind the gRPC server to {host}:{port} (port in use?)")
+        raise OSError(f"cannot bind the gRPC server to {address} (port in use?)")
     result = RouterServer(server, health_servicer, bound, models)
     await result.set_serving(serving)  # before the port opens: the first request sees it
     await server.start()

@@ -302,3 +302,92 @@ def test_inconsistent_pairs_name_both_keys_and_values(tmp_path: Path, text: str,
 def test_autoscaling_mistake_names_the_key(tmp_path: Path, text: str, key: str, detail: str) -> None:
     message = config_error(write(tmp_path, text))
     assert re.search(rf"^  {re.escape(key)}: .*{re.escape(detail)}", message, re.MULTILINE), message
+
+
+# ---------------------------------------------------------------------------------------------
+# Security and draining
+# ---------------------------------------------------------------------------------------------
+
+
+def test_security_file_loads(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, """
+router: {host: 0.0.0.0, drain_s: 2, grace_s: 30}
+security:
+  tls_cert_file: /etc/moe/server.crt
+  tls_key_file: /etc/moe/server.key
+  tls_client_ca_file: /etc/moe/clients-ca.crt
+  inference_tokens_file: /etc/moe/inference-tokens
+  admin_tokens_file: /etc/moe/admin-tokens
+"""))
+
+    security = config.security
+    assert security.tls and security.tls_client_ca_file == "/etc/moe/clients-ca.crt"
+    assert (security.inference_tokens_file, security.admin_tokens_file) == ("/etc/moe/inference-tokens", "/etc/moe/admin-tokens")
+    assert (config.router.drain_s, config.router.grace_s) == (2, 30)
+
+
+def test_security_is_off_by_default_on_a_loopback_bind() -> None:
+    config = ServeConfig()
+    assert config.router.host == "127.0.0.1"
+    assert not config.security.tls and config.security.admin_tokens_file is None
+    assert (config.router.drain_s, config.router.grace_s) == (5.0, 10.0)
+
+
+@pytest.mark.parametrize("host", [
+    pytest.param("127.0.0.1", id="ipv4-loopback"),
+    pytest.param("127.0.0.2", id="ipv4-loopback-net"),
+    pytest.param("::1", id="ipv6-loopback"),
+    pytest.param("[::1]", id="ipv6-loopback-bracketed"),
+    pytest.param("localhost", id="localhost"),
+    pytest.param("LocalHost", id="localhost-any-case"),
+])
+def test_loopback_binds_need_no_admin_tokens(host: str) -> None:
+    assert ServeConfig().with_overrides(**{"router.host": host}).router.host == host
+
+
+@pytest.mark.parametrize("host", [
+    pytest.param("0.0.0.0", id="all-ipv4"),
+    pytest.param("::", id="all-ipv6"),
+    pytest.param("10.0.0.5", id="private-address"),
+    pytest.param("router.internal", id="host-name"),
+])
+def test_exposed_bind_without_admin_tokens_is_refused_naming_both_keys(tmp_path: Path, host: str) -> None:
+    message = config_error(write(tmp_path, f"router: {{host: '{host}'}}\n"))
+    assert f"router.host ('{host}') is not a loopback address but security.admin_tokens_file is not set" in message
+
+    allowed = load_config(write(tmp_path, f"router: {{host: '{host}'}}\nsecurity: {{admin_tokens_file: /etc/t}}\n", "ok.yaml"))
+    assert allowed.router.host == host
+
+
+def test_host_override_is_checked_against_the_security_section() -> None:
+    with pytest.raises(ConfigError, match=r"router.host \('0.0.0.0'\) .* security.admin_tokens_file"):
+        ServeConfig().with_overrides(**{"router.host": "0.0.0.0"})
+    secured = validate_config({"security": {"admin_tokens_file": "/etc/t"}})
+    assert secured.with_overrides(**{"router.host": "0.0.0.0"}).router.host == "0.0.0.0"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    pytest.param("security: {tls_cert_file: /c.crt}\n",
+                 "security.tls_cert_file ('/c.crt') needs security.tls_key_file (not set)", id="cert-without-key"),
+    pytest.param("security: {tls_key_file: /c.key}\n",
+                 "security.tls_key_file ('/c.key') needs security.tls_cert_file (not set)", id="key-without-cert"),
+    pytest.param("security: {tls_client_ca_file: /ca.crt}\n",
+                 "security.tls_client_ca_file ('/ca.crt') needs security.tls_cert_file and security.tls_key_file",
+                 id="client-ca-without-cert"),
+])  # fmt: skip
+def test_security_pairs_name_both_keys(tmp_path: Path, text: str, message: str) -> None:
+    assert message in config_error(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(("text", "key", "detail"), [
+    pytest.param("security: {admin_token: abc}\n", "security.admin_token", "Extra inputs", id="inline-token-key"),
+    pytest.param("security: {admin_tokens_file: ''}\n", "security.admin_tokens_file", "at least 1 character",
+                 id="empty-path"),
+    pytest.param("security: {inference_tokens_file: [a, b]}\n", "security.inference_tokens_file", "valid string",
+                 id="path-not-a-string"),
+    pytest.param("router: {drain_s: -1}\n", "router.drain_s", "greater than or equal to 0", id="negative-drain"),
+    pytest.param("router: {grace_s: soon}\n", "router.grace_s", "valid number", id="grace-not-a-number"),
+])  # fmt: skip
+def test_security_and_drain_mistakes_name_the_key(tmp_path: Path, text: str, key: str, detail: str) -> None:
+    message = config_error(write(tmp_path, text))
+    assert re.search(rf"^  {re.escape(key)}: .*{re.escape(detail)}", message, re.MULTILINE), message
