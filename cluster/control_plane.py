@@ -27,8 +27,10 @@ from cluster.placement_hub import PlacementHub, RouterLink
 from cluster.planner import layer_balancedness
 from cluster.rebalancer import Rebalancer
 from cluster.scaler import Autoscaler, Reconciler, observe_fleet
+from cluster.supervisor import WorkerSupervisor
 from workers.pool import ExpertPool
 from workers.weights import WeightSource, open_weights
+from workers.worker import ExpertWorker
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,11 @@ class LoadFeed:
     def outstanding(self):
         return self.board.outstanding_tokens(self._hub.current.num_workers)
 
+    async def lost_workers(self) -> set[int]:
+        """Workers the routers saw lost since the previous call (collects their reports)."""
+        await self.refresh()
+        return self.board.take_lost_workers()
+
 
 @dataclass
 class ControlPlane:
@@ -83,6 +90,7 @@ class ControlPlane:
     autoscaler: Autoscaler
     admin: ModelAdmin
     observer: Observer
+    supervisor: WorkerSupervisor
     slots_per_worker: int
 
     @property
@@ -93,12 +101,14 @@ class ControlPlane:
         await self.hub.attach(link)
 
     def start_loops(self) -> None:
+        self.supervisor.start()
         self.controller.start()
         self.autoscaler.start()
         self.observer.start()
 
     async def stop_loops(self) -> None:
         """Stop deciding (idempotent); the workers keep serving."""
+        await self.supervisor.stop()
         await self.observer.stop()
         await self.autoscaler.stop()
         await self.controller.stop()
@@ -141,6 +151,9 @@ class ControlPlane:
                 "recent_decisions": [{"age_s": now - at, **asdict(d)} for at, d in self.autoscaler.decisions],
             },
             "scale_events": [_event_dict(e, now) for e in self.reconciler.events],
+            "down_workers": sorted(self.hub.down),
+            "worker_events": [{"age_s": now - e.at_s, **{k: v for k, v in asdict(e).items() if k != "at_s"}}
+                              for e in self.supervisor.events],
             "rebalance_events": [_rebalance_dict(e, now, self.placement.version) for e in report.events],
             **({"history": self.observer.history_dict()} if history else {}),
         }
@@ -169,15 +182,17 @@ def _live_balancedness(hub: PlacementHub, feed: LoadFeed) -> float:
     return float(layer_balancedness(hub.current, feed.snapshot(time.monotonic()).expert_tokens).min())
 
 
-async def start_control_plane(config: ServeConfig, progress: LoadProgress | None = None) -> ControlPlane:
+async def start_control_plane(config: ServeConfig, progress: LoadProgress | None = None,
+                              worker_cls: type[ExpertWorker] = ExpertWorker) -> ControlPlane:
     """Start the workers, load the first placement into them, and build the decision loops
-    (not started: `start_loops()` once a router is attached). Needs Ray connected."""
+    (not started: `start_loops()` once a router is attached). Needs Ray connected.
+    `worker_cls`: a subclass of `ExpertWorker` only to inject faults in tests."""
     weights = weights_for(config)
     spec = weights.spec
     slots = slots_per_worker(spec.num_logical_experts, config.workers.bounds[0], config.workers.slots_per_worker,
                              config.rebalance.min_replicas)
     placement = Placement.round_robin(spec.num_logical_experts, config.workers.count, slots)
-    pool = ExpertPool(config.model.name, weights, config.workers, config.ray.namespace)
+    pool = ExpertPool(config.model.name, weights, config.workers, config.ray.namespace, worker_cls)
     try:
         pool.request_capacity(config.workers.count)
         await asyncio.to_thread(pool.start, config.workers.count)
@@ -197,18 +212,23 @@ async def start_control_plane(config: ServeConfig, progress: LoadProgress | None
         autoscaler = Autoscaler(reconciler, pool, observe, config.autoscaling, config.workers.bounds)
         admin = ModelAdmin(config.model.name, spec, hub, controller, feed.snapshot, pool.stats_async,
                            feed.outstanding, refresh=feed.refresh)
+        supervisor = WorkerSupervisor(pool, hub, rebalancer, lambda: controller.capacity,
+                                      lambda: feed.snapshot(time.monotonic()).expert_tokens.reshape(-1),
+                                      feed.lost_workers, config.workers.health_check_interval_s,
+                                      config.workers.health_check_timeout_s, config.workers.health_check_misses)
         observer = Observer(hub, feed, pool.stats_async, lambda: pool.pending,
-                            _control_metrics(config, spec, controller, reconciler),
+                            _control_metrics(config, spec, controller, reconciler, supervisor),
                             config.monitoring.interval_s, config.monitoring.history_s)
     except BaseException:
         pool.shutdown()
         raise
     return ControlPlane(config, weights, pool, hub, feed, rebalancer, controller, reconciler, autoscaler,
-                        admin, observer, slots)
+                        admin, observer, supervisor, slots)
 
 
-def _control_metrics(config: ServeConfig, spec, controller: Controller, reconciler: Reconciler) -> ControlMetrics | None:
-    """The model's control-plane metrics, told of every rebalance and scaling event."""
+def _control_metrics(config: ServeConfig, spec, controller: Controller, reconciler: Reconciler,
+                     supervisor: WorkerSupervisor) -> ControlMetrics | None:
+    """The model's control-plane metrics, told of every rebalance, scaling and worker event."""
     if not config.monitoring.enabled:
         return None
     metrics = ControlMetrics(config.model.name, spec.moe_layers, spec.num_experts,
@@ -216,4 +236,5 @@ def _control_metrics(config: ServeConfig, spec, controller: Controller, reconcil
     controller.listeners.append(lambda e: metrics.rebalance(
         e.kind, e.report.duration_s if e.report else 0.0, e.report.bytes_moved if e.report else 0))
     reconciler.listeners.append(lambda e: metrics.scale(e.action, e.trigger, e.duration_s))
+    supervisor.listeners.append(lambda e: metrics.worker_event(e.kind, len(e.workers)))
     return metrics

@@ -146,6 +146,9 @@ class Controller:
         if snapshot.total_tokens < self.config.min_window_tokens and not force:
             reason = f"too few routed tokens in the window ({snapshot.total_tokens} < min_window_tokens {self.config.min_window_tokens})"
             return RebalanceEvent(now, reason, before, before, 0, None) if explain else None
+        if self._hub.down and not force:
+            reason = f"workers {sorted(self._hub.down)} are down; the supervisor is restoring them"
+            return RebalanceEvent(now, reason, before, before, 0, None) if explain else None
         trigger, reason, self.state = decide(before, self.state, now, self.config)
         if force and not trigger:
             reason = f"forced on demand at balancedness {before:.3f}"

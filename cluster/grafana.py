@@ -79,6 +79,8 @@ def panels() -> list[dict]:
         _panel("scaling events", [(f"sum by (action, trigger) (increase({series('scale_events')}{SELECT}[15m]))",
                                    "{{action}} ({{trigger}})"),
                                   (_quantile(0.9, "scale_duration_s", "action"), "p90 s {{action}}")]),
+        _panel("worker faults", [(f"sum by (kind) (increase({series('worker_events')}{SELECT}[15m]))", "{{kind}}")],
+               description="workers lost (and routed around), reloaded after Ray restarted them, placement repairs"),
     ]
     for i, panel in enumerate(rows):
         panel["id"] = i + 1

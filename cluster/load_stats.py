@@ -67,7 +67,8 @@ class RouterReport:
     expert_tokens: `[L, E]` tokens routed per logical expert since then; queue_delays_s: how long
     the requests finished since then waited in the queue (the latest ones, bounded);
     oldest_queued_s: how long the oldest request still queued has waited; outstanding_tokens:
-    `[W]` tokens the router has in the workers now.
+    `[W]` tokens the router has in the workers now; lost_workers: workers whose calls failed
+    because they were lost, since then.
     """
 
     router_id: str
@@ -75,6 +76,7 @@ class RouterReport:
     queue_delays_s: tuple[float, ...] = ()
     oldest_queued_s: float = 0.0
     outstanding_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    lost_workers: tuple[int, ...] = ()
 
 
 class LoadBoard:
@@ -90,6 +92,7 @@ class LoadBoard:
         self.window.add(0, np.zeros(num_experts, dtype=np.int64), started_s)
         self._delays: deque[tuple[float, float]] = deque(maxlen=4096)  # (at_s, delay_s)
         self._latest: dict[str, tuple[float, RouterReport]] = {}
+        self._lost: set[int] = set()
 
     def report(self, report: RouterReport, now_s: float) -> None:
         for moe_index, counts in enumerate(np.asarray(report.expert_tokens)):
@@ -97,6 +100,12 @@ class LoadBoard:
                 self.window.add(moe_index, counts, now_s)
         self._delays.extend((now_s, d) for d in report.queue_delays_s)
         self._latest[report.router_id] = (now_s, report)
+        self._lost.update(report.lost_workers)
+
+    def take_lost_workers(self) -> set[int]:
+        """Workers the routers saw lost since the previous call."""
+        lost, self._lost = self._lost, set()
+        return lost
 
     def forget(self, router_id: str) -> None:
         self._latest.pop(router_id, None)

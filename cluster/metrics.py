@@ -44,6 +44,7 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "rebalance_bytes": ("counter", "expert weight bytes moved by rebalancing", ("model",)),
     "scale_events": ("counter", "worker count changes (and failed attempts), by action and trigger", ("model", "action", "trigger")),
     "scale_duration_s": ("histogram", "seconds a scaling action took", ("model", "action")),
+    "worker_events": ("counter", "workers lost and reloaded, and placement repairs, by kind", ("model", "kind")),
 }
 
 
@@ -102,6 +103,7 @@ class ControlMetrics:
         self._rebalance_bytes = _make("rebalance_bytes")
         self._scales = _make("scale_events")
         self._scale_s = _make("scale_duration_s")
+        self._worker_events = _make("worker_events")
 
     def _set(self, name: str, value: float, **labels) -> None:
         self._gauges[name].set(float(value), tags={"model": self.model, **{k: str(v) for k, v in labels.items()}})
@@ -144,6 +146,9 @@ class ControlMetrics:
             self._rebalance_s.observe(duration_s, tags=tags)
             if bytes_moved > 0:  # Ray's counters take only positive steps
                 self._rebalance_bytes.inc(bytes_moved, tags=tags)
+
+    def worker_event(self, kind: str, workers: int) -> None:
+        self._worker_events.inc(max(1, workers), tags={"model": self.model, "kind": kind})
 
     def scale(self, action: str, trigger: str, duration_s: float) -> None:
         self._scales.inc(1, tags={"model": self.model, "action": action, "trigger": trigger})

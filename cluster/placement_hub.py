@@ -4,7 +4,8 @@ The control plane decides placements; routers serve with them. The hub keeps the
 placement and fans each change out to every attached router (`RouterLink`), in process or in
 another Ray actor: `publish` makes a version current everywhere, `drained` waits until no router
 still runs a batch on an older one (make-before-break), `set_workers` tells the routers which
-worker handles a placement's indices name, and `take_reports` collects the routed load.
+worker handles a placement's indices name (None for a worker that is down: lost, restarting
+or reloading, see `cluster.supervisor`), and `take_reports` collects the routed load.
 
 A router that stops answering is detached (its batches died with it), so a lost router never
 stalls a migration. The hub imports neither Ray nor gRPC.
@@ -35,7 +36,7 @@ class RouterLink(Protocol):
         """Resolve once the router runs no batch on a placement older than `version`."""
 
     def set_workers(self, handles: Sequence[Any]) -> Awaitable[None]:
-        """The worker handle of each placement index, in order."""
+        """The worker handle of each placement index, in order; None: do not send there."""
 
     def take_report(self) -> Awaitable[RouterReport]:
         """The routed load since the previous report."""
@@ -46,6 +47,7 @@ class PlacementHub:
         self._current = placement
         self._links: dict[str, RouterLink] = {}
         self._workers: list[Any] = []
+        self._down: set[int] = set()
         self._timeout_s = link_timeout_s
 
     def __repr__(self) -> str:
@@ -61,13 +63,28 @@ class PlacementHub:
 
     @property
     def workers(self) -> list[Any]:
-        return list(self._workers)
+        """The handle of each worker, None for one that is down (what routers get)."""
+        return [None if i in self._down else h for i, h in enumerate(self._workers)]
+
+    @property
+    def down(self) -> frozenset[int]:
+        return frozenset(self._down)
+
+    async def mark_down(self, worker: int) -> None:
+        """Routers stop sending to `worker` (lost or restarting) until `mark_up`."""
+        self._down.add(worker)
+        await self._each("set_workers", lambda link: link.set_workers(self.workers))
+
+    async def mark_up(self, worker: int) -> None:
+        """`worker` holds its replicas again: routers may send to it."""
+        self._down.discard(worker)
+        await self._each("set_workers", lambda link: link.set_workers(self.workers))
 
     async def attach(self, link: RouterLink) -> None:
         """Add a router (or replace one of the same name) and bring it up to date. It is added
         first, so a placement published meanwhile reaches it too (routers ignore older ones)."""
         self._links[link.name] = link
-        await link.set_workers(self._workers)
+        await link.set_workers(self.workers)
         await link.publish(self._current)
 
     async def publish(self, placement: Placement) -> None:
@@ -86,8 +103,10 @@ class PlacementHub:
         await self._each("drain", lambda link: link.drained(version, timeout_s), timeout_s + self._timeout_s)
 
     async def set_workers(self, handles: Sequence[Any]) -> None:
+        """All the workers' handles (scaling); the ones marked down stay down."""
         self._workers = list(handles)
-        await self._each("set_workers", lambda link: link.set_workers(self._workers))
+        self._down = {w for w in self._down if w < len(self._workers)}
+        await self._each("set_workers", lambda link: link.set_workers(self.workers))
 
     async def take_reports(self) -> list[RouterReport]:
         results = await self._each("report", lambda link: link.take_report())

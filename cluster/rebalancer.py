@@ -60,6 +60,10 @@ class Rebalancer:
     def plan(self, target: Placement) -> MigrationPlan:
         return plan_migration(self._hub.current, target, self._max_loads)
 
+    def exclusive(self) -> asyncio.Lock:
+        """Held while a migration runs; the supervisor holds it to repair or reload workers."""
+        return self._lock
+
     @property
     def busy(self) -> bool:
         """A migration is running."""
@@ -102,7 +106,7 @@ class Rebalancer:
             sources = {}
             if self._copy:
                 for e in experts:
-                    live = [w for w, _ in current.replicas[e] if w != worker]
+                    live = [w for w, _ in current.replicas[e] if w != worker and w not in self._hub.down]
                     if live:
                         sources[e] = live[hash((worker, e)) % len(live)]
             calls.append(self._mover.load_replicas(worker, experts, sources))

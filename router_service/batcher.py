@@ -4,7 +4,12 @@ Requests for the same MoE layer queue up while the workers are busy. When one of
 `max_inflight_batches` places in the workers is free, the queued requests form the next batch
 (up to `max_batch_tokens`), which may wait up to `max_wait_ms` for more before it goes. A request never
 splits; one larger than the limit goes alone. A request cancelled while queued (client gone,
-deadline passed) is dropped before it reaches a worker.
+deadline passed) is dropped before it reaches a worker; a batch whose every request is
+cancelled is cancelled in the workers too.
+
+Admission control: a request that would take the model's queue past `max_queued_tokens` is
+refused at once with `Overloaded` (unless the queue is empty: a lone large request goes).
+Tokens of a batch that could not be served fail only the requests they belong to.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from router_service.errors import Overloaded
 from router_service.moe_layer import LayerOutput
 
 # (layer, hidden [T, H] float32) -> output for the whole batch
@@ -65,7 +71,7 @@ class _LayerQueue:
 
     @property
     def queued_tokens(self) -> int:
-        return sum(i.tokens for i in self._items)
+        return sum(i.tokens for i in self._items if not i.future.done())
 
     def oldest_enqueued_s(self) -> float | None:
         """`perf_counter` time the oldest request still waiting was queued; None when none."""
@@ -108,6 +114,7 @@ class _LayerQueue:
             task = asyncio.get_running_loop().create_task(self._serve(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            _cancel_when_abandoned(task, batch)
 
     async def _serve(self, batch: list[_Pending]) -> None:
         try:
@@ -128,7 +135,11 @@ class _LayerQueue:
         start = 0
         for item in batch:
             end = start + item.tokens
-            if not item.future.done():
+            if item.future.done():
+                pass
+            elif result.failed is not None and result.failed[start:end].any():
+                item.future.set_exception(result.failure)
+            else:
                 item.future.set_result(RequestResult(
                     hidden=result.hidden[start:end],
                     topk_ids=result.routing.topk_ids[start:end],
@@ -147,18 +158,40 @@ class _LayerQueue:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+def _cancel_when_abandoned(task: asyncio.Task, batch: list[_Pending]) -> None:
+    """Cancel `task` once every request of its batch is cancelled (nobody waits for it)."""
+
+    def check(_future: asyncio.Future) -> None:
+        if not task.done() and all(item.future.cancelled() for item in batch):
+            task.cancel()
+
+    for item in batch:
+        item.future.add_done_callback(check)
+
+
 class Batcher:
     """Per-layer request queues in front of one model's `forward`."""
 
-    def __init__(self, forward: ForwardFn, max_batch_tokens: int, max_wait_ms: float, max_inflight_batches: int):
+    def __init__(self, forward: ForwardFn, max_batch_tokens: int, max_wait_ms: float, max_inflight_batches: int,
+                 max_queued_tokens: int | None = None, model: str = "model"):
         self._forward = forward
+        self._max_queued = max_queued_tokens
+        self._model = model
         self._max_tokens = max_batch_tokens
         self._max_wait_s = max_wait_ms / 1000.0
         self._inflight = max_inflight_batches
         self._queues: dict[int, _LayerQueue] = {}
 
     async def submit(self, layer: int, hidden: torch.Tensor) -> RequestResult:
-        """hidden: `[t, H]` float32. Cancelling the caller drops the request if still queued."""
+        """hidden: `[t, H]` float32. Cancelling the caller drops the request if still queued.
+        Raises `Overloaded` at once when the queue is full."""
+        queued = self.queued_tokens
+        if self._max_queued is not None and queued and queued + hidden.shape[0] > self._max_queued:
+            raise Overloaded(
+                f"model '{self._model}' is overloaded: {queued} tokens are queued and this request "
+                f"adds {hidden.shape[0]} (limit router.max_queued_tokens = {self._max_queued}); "
+                f"retry with backoff"
+            )
         queue = self._queues.get(layer)
         if queue is None:
             queue = self._queues[layer] = _LayerQueue(

@@ -4,7 +4,8 @@ outputs sum up. Pure numpy/torch over one batch and one placement: no Ray, no gR
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -38,29 +39,40 @@ class WorkerRequest:
 @dataclass(frozen=True)
 class DispatchPlan:
     """requests: one per worker that receives tokens; expert_tokens: `[E]` tokens per logical
-    expert of this layer (the routed load); worker_tokens: `[W]` tokens sent to each worker."""
+    expert of this layer (the routed load); worker_tokens: `[W]` tokens sent to each worker;
+    unserved_tokens: `[u]` batch rows not sent because one of their experts has no live
+    replica, which are `unserved_experts` (global logical ids)."""
 
     placement_version: int
     requests: tuple[WorkerRequest, ...]
     expert_tokens: np.ndarray
     worker_tokens: np.ndarray
+    unserved_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    unserved_experts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 class ReplicaTable:
-    """A placement's replicas as padded arrays, for vectorised lookups (built once per version).
+    """A placement's live replicas as padded arrays, for vectorised lookups (built once per
+    placement version and set of down workers).
 
-    worker: `[num_logical_experts, max_replicas]` (EMPTY-padded); count: `[num_logical_experts]`.
+    worker: `[num_logical_experts, max_replicas]` (EMPTY-padded); count: `[num_logical_experts]`
+    live replicas. Replicas on `down` workers (lost, restarting) are left out; an expert whose
+    every replica is down has count 0 (`unserved`).
     """
 
-    def __init__(self, placement: Placement):
+    def __init__(self, placement: Placement, down: frozenset[int] = frozenset()):
         self.version = placement.version
+        self.down = down
         self.num_workers = placement.num_workers
         width = max(len(r) for r in placement.replicas)
         self.worker = np.full((placement.num_logical_experts, width), EMPTY, dtype=np.int64)
+        self.count = np.zeros(placement.num_logical_experts, dtype=np.int64)
         for expert, reps in enumerate(placement.replicas):
-            self.worker[expert, : len(reps)] = [w for w, _ in reps]
-        self.count = placement.replica_counts.astype(np.int64)
+            live = [w for w, _ in reps if w not in down]
+            self.worker[expert, : len(live)] = live
+            self.count[expert] = len(live)
         self.replicated = np.flatnonzero(self.count > 1)
+        self.unserved = np.flatnonzero(self.count == 0)
 
 
 def water_fill(loads: np.ndarray, n: int) -> np.ndarray:
@@ -115,13 +127,40 @@ def plan_dispatch(routing: Routing, moe_index: int, num_experts: int, table: Rep
     """Group the batch's (token, expert) assignments by worker and logical expert.
 
     outstanding: `[W]` tokens each worker still has in hand; replicated experts' tokens go
-    preferably to the replicas with spare capacity (see `_replica_of`).
+    preferably to the replicas with spare capacity (see `_replica_of`). Tokens routed to an
+    expert without a live replica are not sent anywhere: they are the plan's `unserved` tokens.
     """
     topk_ids = routing.topk_ids.numpy()
     tokens, k = topk_ids.shape
     logical = moe_index * num_experts + topk_ids.reshape(-1)  # [T*k]
     token_of = np.repeat(np.arange(tokens, dtype=np.int64), k)
     weight_of = routing.topk_weights.numpy().reshape(-1)
+    expert_tokens = np.bincount(logical - moe_index * num_experts, minlength=num_experts)
+    return _plan(logical, token_of, weight_of, table, outstanding, expert_tokens)
+
+
+def plan_retry(failed: Sequence[WorkerRequest], table: ReplicaTable,
+               outstanding: np.ndarray | None = None) -> DispatchPlan:
+    """Send the assignments of `failed` requests again, to the live replicas of `table`
+    (built without the workers that failed). expert_tokens is zero: the load was counted once."""
+    logical = np.concatenate([np.repeat(r.expert_ids, np.diff(r.offsets)) for r in failed])
+    token_of = np.concatenate([r.token_idx for r in failed])
+    weight_of = np.concatenate([r.weights for r in failed])
+    return _plan(logical, token_of, weight_of, table, outstanding, np.zeros(0, dtype=np.int64))
+
+
+def _plan(logical: np.ndarray, token_of: np.ndarray, weight_of: np.ndarray, table: ReplicaTable,
+          outstanding: np.ndarray | None, expert_tokens: np.ndarray) -> DispatchPlan:
+    """The plan for flat assignments `[N]`: global logical expert, batch row, gate weight."""
+    unserved_tokens = np.zeros(0, dtype=np.int64)
+    unserved_experts = np.zeros(0, dtype=np.int64)
+    if table.unserved.size:
+        lost = table.count[logical] == 0
+        if lost.any():  # every assignment of a token that cannot be fully served is dropped
+            unserved_experts = np.unique(logical[lost])
+            unserved_tokens = np.unique(token_of[lost])
+            keep = ~np.isin(token_of, unserved_tokens)
+            logical, token_of, weight_of = logical[keep], token_of[keep], weight_of[keep]
 
     by_expert = np.argsort(logical, kind="stable")
     sorted_expert = logical[by_expert]
@@ -144,9 +183,9 @@ def plan_dispatch(routing: Routing, moe_index: int, num_experts: int, table: Rep
             weights=np.ascontiguousarray(weight_of[order[lo:hi]]),
             rows=np.unique(token_idx),
         ))
-    expert_tokens = counts[moe_index * num_experts:(moe_index + 1) * num_experts]
     worker_tokens = np.bincount(worker, minlength=table.num_workers)
-    return DispatchPlan(table.version, tuple(requests), expert_tokens, worker_tokens)
+    return DispatchPlan(table.version, tuple(requests), expert_tokens, worker_tokens,
+                        unserved_tokens, unserved_experts)
 
 
 def combine(tokens: int, hidden: int, plan: DispatchPlan, outputs: list[np.ndarray]) -> torch.Tensor:
@@ -155,9 +194,15 @@ def combine(tokens: int, hidden: int, plan: DispatchPlan, outputs: list[np.ndarr
     outputs[i]: `[len(plan.requests[i].rows), hidden]`, one row per distinct token.
     """
     out = torch.zeros(tokens, hidden, dtype=torch.float32)
-    for request, y in zip(plan.requests, outputs, strict=True):
+    add_partials(out, zip(plan.requests, outputs, strict=True))
+    return out
+
+
+def add_partials(out: torch.Tensor, answered) -> None:
+    """Add each `(request, output)` pair's partial sums into `out` `[tokens, hidden]`."""
+    tokens = out.shape[0]
+    for request, y in answered:
         if len(request.rows) == tokens:  # the worker saw every token: a plain add
             out += torch.from_numpy(y)
         else:
             out.index_add_(0, torch.from_numpy(request.rows), torch.from_numpy(y))
-    return out

@@ -19,7 +19,10 @@ import torch
 from cluster.model_spec import ModelSpec
 from cluster.placement import Placement
 from cluster.placement_store import PlacementStore
-from router_service.dispatch import ReplicaTable, WorkerRequest, combine, plan_dispatch
+from router_service.dispatch import (
+    DispatchPlan, ReplicaTable, WorkerRequest, add_partials, plan_dispatch, plan_retry,
+)
+from router_service.errors import ExpertUnavailable, ServingError, WorkerLost
 from router_service.gate import Routing, mixtral_route
 
 
@@ -30,18 +33,30 @@ class ExpertBackend(Protocol):
         """Make the batch `[T, H]` available to every worker once (e.g. `ray.put`)."""
 
     def forward(self, shared_x: Any, request: WorkerRequest) -> Awaitable[np.ndarray]:
-        """Run `request` on its worker; resolves to `[request.num_tokens, H]` float32."""
+        """Run `request` on its worker; resolves to `[len(request.rows), H]` float32, or
+        raises `WorkerLost` when the worker is gone (then it counts as down)."""
+
+    @property
+    def down(self) -> frozenset[int]:
+        """Workers not to send to now."""
+
+    def mark_lost(self, worker: int) -> None:
+        """Count `worker` as down until the control plane says otherwise."""
 
 
 @dataclass(frozen=True)
 class LayerOutput:
     """hidden: `[T, H]` float32; routing: the gate's choice; expert_tokens: `[E]` tokens routed
-    to each expert of the layer; placement_version: the placement this batch was served with."""
+    to each expert of the layer; placement_version: the placement this batch was served with;
+    failed: `[T]` bool, tokens that could not be served (their rows of `hidden` are not valid),
+    and `failure` says why."""
 
     hidden: torch.Tensor
     routing: Routing
     expert_tokens: np.ndarray
     placement_version: int
+    failed: np.ndarray | None = None
+    failure: ServingError | None = None
 
 
 @dataclass
@@ -69,6 +84,12 @@ class DistributedMoELayer:
     gate_weights: `{layer: [E, H] float32}`; placements: the store the router takes one
     placement from per batch, and holds until the batch is back (the seam where replication
     and rebalancing plug in).
+
+    Faults: a worker share that fails because its worker was lost is sent again to the other
+    live replicas of its experts, at most `max_retries` times per batch (so a request that
+    kills workers cannot crash-loop them); tokens whose experts have no live replica fail at
+    once with `ExpertUnavailable`. Admission: a batch waits to be sent while some worker has
+    `max_worker_inflight_tokens` or more in hand (expert-token assignments).
     """
 
     def __init__(
@@ -77,6 +98,8 @@ class DistributedMoELayer:
         gate_weights: dict[int, torch.Tensor],
         placements: PlacementStore,
         backend: ExpertBackend,
+        max_retries: int = 1,
+        max_worker_inflight_tokens: int | None = None,
     ):
         missing = [layer for layer in spec.moe_layers if layer not in gate_weights]
         if missing:
@@ -87,11 +110,17 @@ class DistributedMoELayer:
         self.outstanding = np.zeros(placements.current.num_workers, dtype=np.int64)  # tokens in workers
         self._backend = backend
         self._table: ReplicaTable | None = None
+        self._max_retries = max_retries
+        self._max_inflight = max_worker_inflight_tokens
+        self._room = asyncio.Condition()
+        self.retries = 0  # worker shares sent again after their worker was lost
+        self.lost_workers: set[int] = set()  # seen lost since the router's last report
         self.stage_s = StageTimes()
 
     def _replica_table(self, placement: Placement) -> ReplicaTable:
-        if self._table is None or self._table.version != placement.version:
-            self._table = ReplicaTable(placement)
+        down = self._backend.down
+        if self._table is None or self._table.version != placement.version or self._table.down != down:
+            self._table = ReplicaTable(placement, down)
             if len(self.outstanding) < placement.num_workers:
                 self.outstanding = np.pad(self.outstanding, (0, placement.num_workers - len(self.outstanding)))
         return self._table
@@ -99,20 +128,79 @@ class DistributedMoELayer:
     async def forward(self, layer: int, hidden: torch.Tensor) -> LayerOutput:
         """hidden: `[T, H]` float32 for MoE layer `layer` (the model's numbering)."""
         moe_index = self.spec.moe_index(layer)
+        await self._wait_for_room()
         with self._placements.use() as placement:
-            table = self._replica_table(placement)
             t0 = time.thread_time()
             routing = mixtral_route(hidden, self._gates[layer], self.spec.top_k)  # score
-            plan = plan_dispatch(routing, moe_index, self.spec.num_experts, table, self.outstanding)  # plan
+            plan = plan_dispatch(routing, moe_index, self.spec.num_experts,
+                                 self._replica_table(placement), self.outstanding)  # plan
             shared_x = self._backend.share(hidden.numpy())  # scatter
-            calls = [self._backend.forward(shared_x, request) for request in plan.requests]
-            self.outstanding[: len(plan.worker_tokens)] += plan.worker_tokens
-            t1 = time.thread_time()
-            try:
-                outputs = await asyncio.gather(*calls)  # gather
-            finally:
-                self.outstanding[: len(plan.worker_tokens)] -= plan.worker_tokens
-            t2 = time.thread_time()
-            out = combine(hidden.shape[0], hidden.shape[1], plan, outputs)  # combine
-        self.stage_s.add(dispatch=t1 - t0, combine=time.thread_time() - t2)
-        return LayerOutput(out, routing, plan.expert_tokens, plan.placement_version)
+            out = torch.zeros_like(hidden)
+            failed = np.zeros(hidden.shape[0], dtype=bool)
+            failure = self._unserved(plan, failed)
+            dispatch_s, combine_s = time.thread_time() - t0, 0.0
+            for attempt in range(self._max_retries + 1):
+                answered, lost = await self._send(shared_x, plan.requests)  # gather
+                t0 = time.thread_time()
+                add_partials(out, answered)  # combine
+                for request, _ in lost:
+                    self._backend.mark_lost(request.worker)
+                    self.lost_workers.add(request.worker)
+                if lost and attempt == self._max_retries:
+                    for request, _ in lost:
+                        failed[request.rows] = True
+                    failure = failure or WorkerLost(
+                        lost[0][1].worker, f"was lost while serving this request, and so were the "
+                        f"replicas it was sent to again ({self._max_retries} retries)")
+                elif lost:  # the same assignments, to the other live replicas
+                    self.retries += len(lost)
+                    plan = plan_retry([r for r, _ in lost], self._replica_table(placement), self.outstanding)
+                    failure = self._unserved(plan, failed) or failure
+                combine_s += time.thread_time() - t0
+                if not lost:
+                    break
+        self.stage_s.add(dispatch=dispatch_s, combine=combine_s)
+        expert_tokens = np.bincount(routing.topk_ids.numpy().reshape(-1), minlength=self.spec.num_experts)
+        return LayerOutput(out, routing, expert_tokens, placement.version, failed if failed.any() else None, failure)
+
+    def _unserved(self, plan: DispatchPlan, failed: np.ndarray) -> ExpertUnavailable | None:
+        """Mark the plan's unserved tokens failed; the error naming their experts."""
+        if not plan.unserved_tokens.size:
+            return None
+        failed[plan.unserved_tokens] = True
+        E = self.spec.num_experts
+        return ExpertUnavailable([(self.spec.moe_layers[g // E], g % E) for g in plan.unserved_experts.tolist()])
+
+    async def _send(self, shared_x, requests) -> tuple[list, list]:
+        """Run `requests` on their workers at once: ([(request, output)], [(request, WorkerLost)]).
+        Any other error fails the batch."""
+        results = await asyncio.gather(*(self._call(shared_x, r) for r in requests), return_exceptions=True)
+        answered, lost = [], []
+        for request, result in zip(requests, results):
+            if isinstance(result, WorkerLost):
+                lost.append((request, result))
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                answered.append((request, result))
+        return answered, lost
+
+    async def _call(self, shared_x, request: WorkerRequest) -> np.ndarray:
+        worker = request.worker
+        self.outstanding[worker] += request.num_tokens
+        try:
+            return await self._backend.forward(shared_x, request)
+        finally:
+            self.outstanding[worker] -= request.num_tokens
+            if self._max_inflight is not None:
+                async with self._room:
+                    self._room.notify_all()
+
+    async def _wait_for_room(self) -> None:
+        """Hold the batch while a worker has its fill of tokens in hand (backpressure: the
+        requests queue up in the batcher, where admission control sees them)."""
+        if self._max_inflight is None:
+            return
+        async with self._room:
+            await self._room.wait_for(lambda: self.outstanding.max(initial=0) < self._max_inflight)
+

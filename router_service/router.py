@@ -35,7 +35,7 @@ class ModelRouter:
         self._queue_delays: deque[float] = deque(maxlen=self.MAX_DELAY_SAMPLES)
         self.batches_served = 0
         self._layer = layer
-        self._batcher = Batcher(self._forward, **batcher_options)
+        self._batcher = Batcher(self._forward, model=name, **batcher_options)
 
     def __repr__(self) -> str:
         return f"ModelRouter(name={self.name!r}, ready={self.ready})"
@@ -67,8 +67,9 @@ class ModelRouter:
         delta, self._reported = counts - self._reported, counts
         delays = tuple(self._queue_delays)
         self._queue_delays.clear()
+        lost, self._layer.lost_workers = tuple(sorted(self._layer.lost_workers)), set()
         return RouterReport(self.router_id, delta, delays, self._batcher.oldest_queued_s(),
-                            self.outstanding_tokens_now())
+                            self.outstanding_tokens_now(), lost)
 
     async def close(self) -> None:
         self.ready = False

@@ -14,6 +14,7 @@ import grpc
 from protos import grpc_predict_v2_pb2 as pb
 from protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from router_service.codec import INPUT_NAME, RequestError, decode_request, encode_tensor
+from router_service.errors import ExpertUnavailable, Overloaded, ServingError, WorkerLost
 from router_service.router import ModelRouter
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,15 @@ try:
     SERVER_VERSION = version("moe-serve")
 except PackageNotFoundError:  # running from a source tree
     SERVER_VERSION = "0+unknown"
+
+
+# What a client should do: UNAVAILABLE — retry (the service repairs itself); RESOURCE_EXHAUSTED —
+# back off, then retry.
+_SERVING_CODES = {
+    WorkerLost: grpc.StatusCode.UNAVAILABLE,
+    ExpertUnavailable: grpc.StatusCode.UNAVAILABLE,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
 
 
 class RequestMetrics(Protocol):
@@ -119,6 +129,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             result = await model.infer(decoded.layer, decoded.hidden)
         except RequestError as err:
             await context.abort(err.code, err.message)
+        except ServingError as err:
+            await context.abort(_SERVING_CODES[type(err)], str(err))
         except Exception:
             log.exception("inference failed for model %r", request.model_name)
             await context.abort(grpc.StatusCode.INTERNAL, "inference failed inside the server; see the server log")

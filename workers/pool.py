@@ -11,7 +11,7 @@ import ray
 from cluster.config import WorkersConfig
 from cluster.placement import Placement
 from workers.weights import WeightSource
-from workers.worker import ExpertWorker
+from workers.worker import CONTROL_GROUP, ExpertWorker
 
 LOAD_CHUNK_SLOTS = 4  # experts per load call: bounds memory per call and paces the progress bar
 
@@ -25,13 +25,16 @@ class ExpertPool:
     """Creates the expert shard actors for one model, loads a placement into them, kills them,
     and asks Ray's autoscaler for the nodes they need."""
 
-    def __init__(self, model_name: str, weights: WeightSource, config: WorkersConfig, namespace: str):
+    def __init__(self, model_name: str, weights: WeightSource, config: WorkersConfig, namespace: str,
+                 worker_cls: type[ExpertWorker] = ExpertWorker):
         self.model_name = model_name
+        self._worker_cls = worker_cls  # a subclass only to inject faults in tests
         self.namespace = namespace
         self._weights = weights
         self._config = config
         self.handles: list[ray.actor.ActorHandle] = []
         self._nodes: list[str] = []
+        self._incarnations: list[str] = []  # what each worker's `ready()` said when it was loaded
         self._num_gpus: float | None = None
         self.pending = 0  # workers asked for that are not serving yet
 
@@ -54,13 +57,17 @@ class ExpertPool:
         return {k: float(v) for k, v in bundle.items() if v > 0}
 
     def _create(self, index: int) -> ray.actor.ActorHandle:
-        return ray.remote(ExpertWorker).options(
+        """A worker actor. Ray restarts it where it dies (on another node if its node is
+        lost); it comes back empty, and the supervisor reloads it (`reload`)."""
+        return ray.remote(concurrency_groups={CONTROL_GROUP: 1})(self._worker_cls).options(
             name=worker_name(self.model_name, index),
             namespace=self.namespace,
             num_cpus=self._config.num_cpus,
             num_gpus=self.gpus_per_worker(),
             resources=dict(self._config.resources),
             max_concurrency=1,
+            max_restarts=-1,
+            max_task_retries=0,  # the router retries elsewhere, boundedly: never a crash loop
         ).remote(index, self._weights, self._config.torch_threads, self._config.device)
 
     def start(self, num_workers: int) -> list[dict]:
@@ -68,6 +75,7 @@ class ExpertPool:
         self.handles.extend(self._create(index) for index in range(len(self.handles), num_workers))
         infos = ray.get([h.ready.remote() for h in self.handles])
         self._nodes = [info["node_id"] for info in infos]
+        self._incarnations = [info["incarnation"] for info in infos]
         return infos
 
     async def add_workers(self, count: int, timeout_s: float) -> list[dict]:
@@ -91,6 +99,7 @@ class ExpertPool:
         infos = [await ref for ref in refs[: len(kept)]]
         self.handles.extend(kept)
         self._nodes.extend(info["node_id"] for info in infos)
+        self._incarnations.extend(info["incarnation"] for info in infos)
         return infos
 
     async def _create_when_free(self, index: int, timeout_s: float = 30.0) -> ray.actor.ActorHandle:
@@ -112,6 +121,7 @@ class ExpertPool:
             ray.kill(handle, no_restart=True)
         del self.handles[-count:]
         del self._nodes[-count:]
+        del self._incarnations[-count:]
 
     def request_capacity(self, workers: int) -> None:
         """Ask Ray's autoscaler for room for `workers` workers in all (a standing request that
@@ -170,13 +180,49 @@ class ExpertPool:
     async def release_replicas(self, worker: int, experts: list[int]) -> None:
         await self.handles[worker].unload.remote(experts)
 
+    async def probe(self, timeout_s: float) -> list[dict | None]:
+        """Each worker's `ready()` now, None where it does not answer within `timeout_s` (dead,
+        restarting, or its node lost). Answers come from the control concurrency group, so a
+        busy worker is not taken for a lost one."""
+        refs = [h.ready.remote() for h in self.handles]
+        done, _ = await asyncio.to_thread(ray.wait, refs, num_returns=len(refs), timeout=timeout_s)
+        done = set(done)
+        infos: list[dict | None] = []
+        for ref in refs:
+            try:
+                infos.append(await ref if ref in done else None)
+            except ray.exceptions.RayActorError:
+                infos.append(None)
+        return infos
+
+    def restarted(self, worker: int, info: dict) -> bool:
+        """Whether `info` (from `probe`) comes from a new incarnation of `worker`: Ray
+        restarted it, and it holds none of its replicas."""
+        return info["incarnation"] != self._incarnations[worker]
+
+    async def reload(self, worker: int, info: dict, experts: list[int], copy_from: dict[int, int]) -> int:
+        """Load a restarted worker's replicas again; from now on `info` is its incarnation."""
+        loaded = await self.load_replicas(worker, experts, copy_from)
+        self._incarnations[worker] = info["incarnation"]
+        self._nodes[worker] = info["node_id"]
+        return loaded
+
     def worker_nodes(self) -> list[str]:
         """`[W]` the Ray node id each worker runs on (for node-aware placement)."""
         return list(self._nodes)
 
-    async def stats_async(self) -> list[dict]:
-        """Each worker's `stats()` plus its node id, without blocking the event loop."""
-        stats = await asyncio.gather(*(h.stats.remote() for h in self.handles))
+    async def stats_async(self, timeout_s: float = 2.0) -> list[dict]:
+        """Each worker's `stats()` plus its node id, without blocking the event loop. A worker
+        that does not answer within `timeout_s` (lost, restarting) reads as zeros, `down`."""
+
+        async def one(index: int, handle) -> dict:
+            try:
+                return {**await asyncio.wait_for(handle.stats.remote(), timeout_s), "down": False}
+            except (asyncio.TimeoutError, ray.exceptions.RayActorError):
+                return {"index": index, "replicas": 0, "calls": 0, "tokens": 0, "busy_s": 0.0,
+                        "expert_tokens": {}, "down": True}
+
+        stats = await asyncio.gather(*(one(i, h) for i, h in enumerate(self.handles)))
         return [{**s, "node_id": self._nodes[i]} for i, s in enumerate(stats)]
 
     def stats(self) -> list[dict]:
@@ -187,3 +233,4 @@ class ExpertPool:
             ray.kill(handle, no_restart=True)
         self.handles = []
         self._nodes = []
+        self._incarnations = []

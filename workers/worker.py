@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 import warnings
 
 import numpy as np
@@ -20,6 +21,9 @@ from workers.weights import WeightSource
 
 # Arrays that arrive through Ray's object store are read-only views; we only read them.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
+CONTROL_GROUP = "control"  # health and stats calls, served beside the expert math
 
 
 class ExpertWorker:
@@ -41,6 +45,7 @@ class ExpertWorker:
         self._tokens = 0
         self._busy_s = 0.0
         self._calls = 0
+        self.incarnation = uuid.uuid4().hex  # new each time Ray restarts the actor (empty again)
 
     def __repr__(self) -> str:
         return (
@@ -48,10 +53,14 @@ class ExpertWorker:
             f"pid={os.getpid()})"
         )
 
+    @ray.method(concurrency_group=CONTROL_GROUP)
     def ready(self) -> dict:
-        """Cheap call the pool uses to wait for the actor to start."""
+        """Cheap call to wait for the actor to start, and the supervisor's health probe: it runs
+        beside `forward` (its own concurrency group), so a busy worker still answers. A new
+        `incarnation` means Ray restarted the actor and it holds no replicas."""
         node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
-        return {"index": self.index, "device": str(self.device), "pid": os.getpid(), "node_id": node_id}
+        return {"index": self.index, "device": str(self.device), "pid": os.getpid(), "node_id": node_id,
+                "incarnation": self.incarnation, "replicas": len(self._experts)}
 
     def load(self, experts: list[int]) -> int:
         """Load replicas of logical experts `experts` from the weight source; returns bytes."""
@@ -128,6 +137,7 @@ class ExpertWorker:
         self._busy_s += time.perf_counter() - start
         return partial.cpu().numpy()
 
+    @ray.method(concurrency_group=CONTROL_GROUP)
     def stats(self) -> dict:
         """Counters since start: calls, tokens, busy seconds, tokens per hosted replica."""
         return {

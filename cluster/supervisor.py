@@ -1,0 +1,177 @@
+"""The worker supervisor: losing a worker (or a node) costs a reroute, not the service.
+
+Every `interval_s` it probes each worker (`ready()`, which runs beside the expert math):
+- a worker that does not answer, and that a router saw fail (or that missed `max_misses`
+  probes in a row: a busy machine may answer late), is **down**: the routers stop sending to
+  it (they already retried its in-flight shares on other replicas, and count it down
+  themselves until told otherwise);
+- if that leaves logical experts without a live replica, the placement is **repaired**
+  (`cluster.repair`): they get a replica on a live worker, loaded before it is published;
+- Ray restarts a dead worker (on another node if its node is gone); when it answers with a new
+  incarnation it is **reloaded** with its row of the placement in service (copied from live
+  replicas where there are, else read from the checkpoint) and the routers use it again.
+
+Repairs and reloads hold the rebalancer's lock, so no migration changes the placement under
+them; automatic rebalancing waits while a worker is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from cluster.controller import notify
+from cluster.placement_hub import PlacementHub
+from cluster.rebalancer import Rebalancer
+from cluster.repair import plan_repair, uncovered_experts
+
+log = logging.getLogger(__name__)
+
+
+class SupervisedFleet(Protocol):
+    """The workers as the supervisor sees them (`workers.pool.ExpertPool`)."""
+
+    handles: list
+
+    async def probe(self, timeout_s: float) -> list[dict | None]: ...
+    def restarted(self, worker: int, info: dict) -> bool: ...
+    async def reload(self, worker: int, info: dict, experts: list[int], copy_from: dict[int, int]) -> int: ...
+    async def load_replicas(self, worker: int, experts: list[int], copy_from: dict[int, int]) -> int: ...
+    async def release_replicas(self, worker: int, experts: list[int]) -> None: ...
+
+
+@dataclass(frozen=True)
+class WorkerEvent:
+    """kind: lost (stopped answering), reloaded (back with its replicas), repaired (experts
+    that lost every live replica got one elsewhere), unrepaired (no room for them)."""
+
+    at_s: float
+    kind: str
+    workers: tuple[int, ...]
+    detail: str
+    duration_s: float = 0.0
+
+
+class WorkerSupervisor:
+    def __init__(self, fleet: SupervisedFleet, hub: PlacementHub, rebalancer: Rebalancer,
+                 capacity: Callable[[], Sequence[int]], load: Callable[[], np.ndarray],
+                 reported_lost: Callable[[], Awaitable[set[int]]], interval_s: float, probe_timeout_s: float,
+                 max_misses: int = 3, clock: Callable[[], float] = time.monotonic):
+        self._fleet = fleet
+        self._hub = hub
+        self._rebalancer = rebalancer
+        self._capacity = capacity
+        self._load = load  # [num_logical_experts] recent load, hottest repaired first
+        self._reported_lost = reported_lost  # workers the routers saw fail since the last call
+        self._max_misses = max_misses
+        self._misses: dict[int, int] = {}
+        self.interval_s = interval_s
+        self._probe_timeout_s = probe_timeout_s
+        self._clock = clock
+        self._down_since: dict[int, float] = {}
+        self.events: deque[WorkerEvent] = deque(maxlen=200)
+        self.listeners: list[Callable[[WorkerEvent], None]] = []  # told of every event (metrics)
+        self._task: asyncio.Task | None = None
+
+    def __repr__(self) -> str:
+        return f"WorkerSupervisor(down={sorted(self._hub.down)}, events={len(self.events)})"
+
+    async def check(self) -> None:
+        """One look at every worker; mark down, repair and reload as needed."""
+        count = len(self._fleet.handles)
+        infos = await self._fleet.probe(self._probe_timeout_s)
+        if len(self._fleet.handles) != count or count != self._hub.current.num_workers:
+            return  # the workers changed meanwhile (scaling): look again next time
+        reported = await self._reported_lost()
+        for worker, info in enumerate(infos):
+            self._misses[worker] = self._misses.get(worker, 0) + 1 if info is None else 0
+            restarted = info is not None and self._fleet.restarted(worker, info)
+            silent = info is None and (worker in reported or self._misses[worker] >= self._max_misses)
+            if (restarted or silent) and worker not in self._hub.down:
+                await self._hub.mark_down(worker)
+                self._down_since[worker] = self._clock()
+                why = "was restarted by Ray (no replicas)" if restarted else "stopped answering"
+                self._record("lost", (worker,), f"worker {worker} {why}; routing around it")
+        if uncovered_experts(self._hub.current, self._hub.down):
+            await self._repair()
+        for worker, info in enumerate(infos):
+            if info is not None and worker in self._hub.down:
+                if self._fleet.restarted(worker, info):
+                    await self._reload(worker, info)
+                else:  # it only answered late: it still holds its replicas
+                    await self._hub.mark_up(worker)
+                    self._down_since.pop(worker, None)
+                    self._record("reloaded", (worker,), f"worker {worker} answers again; it kept its replicas")
+
+    async def _repair(self) -> None:
+        async with self._rebalancer.exclusive():
+            start, current, down = self._clock(), self._hub.current, self._hub.down
+            plan = plan_repair(current, down, self._capacity(), self._load())
+            if plan is None:
+                return
+            if plan.added:
+                by_worker: dict[int, list[int]] = {}
+                for worker, expert in plan.added:
+                    by_worker.setdefault(worker, []).append(expert)
+                await asyncio.gather(*(self._fleet.load_replicas(w, es, {}) for w, es in by_worker.items()))
+                await self._hub.publish(plan.placement)
+                await self._hub.drained(plan.placement.version)
+                evicted: dict[int, list[int]] = {}
+                for worker, expert in plan.evicted:
+                    evicted.setdefault(worker, []).append(expert)
+                await asyncio.gather(*(self._fleet.release_replicas(w, es) for w, es in evicted.items()))
+                self._record("repaired", tuple(sorted(down)),
+                             f"{len(plan.added)} experts without a live replica got one on a live worker "
+                             f"(placement v{plan.placement.version}, {len(plan.evicted)} spare replicas evicted)",
+                             self._clock() - start)
+            if plan.unplaced:
+                self._record("unrepaired", tuple(sorted(down)),
+                             f"no live worker has room for logical experts {list(plan.unplaced)[:10]}; they "
+                             f"answer UNAVAILABLE until a worker is back")
+
+    async def _reload(self, worker: int, info: dict) -> None:
+        async with self._rebalancer.exclusive():
+            start, current, down = self._clock(), self._hub.current, self._hub.down
+            experts = [e for _, e in current.experts_of(worker)]
+            sources = {}
+            for e in experts:
+                live = [w for w, _ in current.replicas[e] if w != worker and w not in down]
+                if live:
+                    sources[e] = live[0]
+            loaded = await self._fleet.reload(worker, info, experts, sources)
+            await self._hub.mark_up(worker)
+        since = self._down_since.pop(worker, start)
+        self._record("reloaded", (worker,),
+                     f"worker {worker} serves again with {len(experts)} replicas "
+                     f"({loaded / 2**20:.1f} MiB; down {self._clock() - since:.1f}s)", self._clock() - start)
+
+    def _record(self, kind: str, workers: tuple[int, ...], detail: str, duration_s: float = 0.0) -> None:
+        event = WorkerEvent(self._clock(), kind, workers, detail, duration_s)
+        self.events.append(event)
+        log.warning("workers: %s", detail)
+        notify(self.listeners, event)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="worker-supervisor")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.check()
+            except Exception:  # a failed repair is retried at the next look
+                log.exception("worker supervision failed")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None

@@ -1,0 +1,32 @@
+"""Why a request could not be served, as the router knows it. The servicer turns each into a
+gRPC status (the one place that knows status codes); the messages are meant for users."""
+
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    """A request the service could not serve now; `str()` is the message for the client."""
+
+
+class WorkerLost(ServingError):
+    """A worker died, is restarting, or has not loaded its replicas yet (retryable)."""
+
+    def __init__(self, worker: int, detail: str):
+        super().__init__(f"expert worker {worker} {detail}")
+        self.worker = worker
+
+
+class ExpertUnavailable(ServingError):
+    """Tokens routed to logical experts that have no live replica right now."""
+
+    def __init__(self, experts: list[tuple[int, int]]):
+        names = ", ".join(f"expert {e} of layer {layer}" for layer, e in experts[:8])
+        more = f" and {len(experts) - 8} more" if len(experts) > 8 else ""
+        super().__init__(
+            f"{names}{more} has no live replica: its worker was lost and is being replaced; retry shortly"
+        )
+        self.experts = experts
+
+
+class Overloaded(ServingError):
+    """Admission control refused the request; the client should back off and retry."""
