@@ -80,6 +80,9 @@ class WorkersConfig(_Section):
     torch_threads: Annotated[int, Field(ge=1, description="torch intra-op threads per worker")] = 1
     device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="where expert math runs")] = "auto"
     resources: Annotated[dict[str, Annotated[float, Field(gt=0)]], Field(description="custom Ray resources per worker, e.g. {expert_worker: 1} to land on the cluster's expert-worker nodes")] = {}
+    health_check_interval_s: Annotated[float, Field(gt=0, description="how often the supervisor probes every worker (a lost one is routed around, reloaded once Ray restarts it)")] = 0.5
+    health_check_timeout_s: Annotated[float, Field(gt=0, description="a probe not answered within this long is missed")] = 1.0
+    health_check_misses: Annotated[int, Field(ge=1, description="probes missed in a row before a worker counts as down (at once when a router saw it fail)")] = 3
 
     @model_validator(mode="after")
     def _bounds_hold_count(self) -> WorkersConfig:
@@ -165,6 +168,9 @@ class RouterConfig(_Section):
     max_batch_tokens: Annotated[int, Field(ge=1, description="tokens per batch sent to the workers")] = 8192
     max_wait_ms: Annotated[float, Field(ge=0, description="how long a batch waits for more requests once a worker slot is free; 0: requests that queue while the workers are busy form the next batch")] = 0.0
     max_inflight_batches: Annotated[int, Field(ge=1, description="batches in the workers at once per layer")] = 2
+    max_queued_tokens: Annotated[int, Field(ge=1, description="admission control: refuse a request with RESOURCE_EXHAUSTED when the model's queue would pass this many tokens (a lone request larger than this still goes)")] = 262144
+    max_worker_inflight_tokens: Annotated[int, Field(ge=1, description="admission control: hold new batches while a worker has this many expert-token assignments in hand")] = 65536
+    max_retries: Annotated[int, Field(ge=0, description="times a batch's share is sent again to other replicas after its worker was lost (bounded, so a request that kills workers cannot crash-loop them)")] = 1
     max_message_mb: Annotated[int, Field(ge=1, description="largest request or response message")] = 256
     torch_threads: Annotated[int, Field(ge=1, description="torch threads in the router (gate, combine)")] = 1
     num_cpus: Annotated[float, Field(ge=0, description="CPUs Ray reserves for the router actor (moe-serve deploy)")] = 1.0

@@ -32,6 +32,7 @@ from router_service.router import ModelRouter
 from router_service.server import RouterServer, start_server
 from workers.pool import ExpertPool
 from workers.weights import WeightSource
+from workers.worker import ExpertWorker
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +98,13 @@ def build_router(config: ServeConfig, spec: ModelSpec, gates: dict[int, torch.Te
     torch.set_num_threads(config.router.torch_threads)
     store = PlacementStore(placement)
     backend = RayExpertBackend(handles)
-    layer = DistributedMoELayer(spec, gates, store, backend)
+    layer = DistributedMoELayer(spec, gates, store, backend, max_retries=config.router.max_retries,
+                                max_worker_inflight_tokens=config.router.max_worker_inflight_tokens)
     router = ModelRouter(config.model.name, layer, {
         "max_batch_tokens": config.router.max_batch_tokens,
         "max_wait_ms": config.router.max_wait_ms,
         "max_inflight_batches": config.router.max_inflight_batches,
+        "max_queued_tokens": config.router.max_queued_tokens,
     }, router_id=router_id)
     return RouterSide(router_id, router, store, backend)
 
@@ -154,9 +157,11 @@ class Deployment:
         await self.plane.stop()
 
 
-async def deploy(config: ServeConfig, progress: LoadProgress | None = None) -> Deployment:
-    """Start serving `config`'s model in this process. Needs Ray connected (`connect_ray`)."""
-    plane = await start_control_plane(config, progress)
+async def deploy(config: ServeConfig, progress: LoadProgress | None = None,
+                 worker_cls: type[ExpertWorker] = ExpertWorker) -> Deployment:
+    """Start serving `config`'s model in this process. Needs Ray connected (`connect_ray`).
+    `worker_cls`: a subclass of `ExpertWorker` only to inject faults in tests."""
+    plane = await start_control_plane(config, progress, worker_cls)
     try:
         spec = plane.weights.spec
         gates = {layer: plane.weights.gate_weight(layer) for layer in spec.moe_layers}
