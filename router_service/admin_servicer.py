@@ -5,7 +5,9 @@ The servicer speaks protobuf on one side and `AdminOperations` (implemented by
 place (`AdminServicer._call`):
 
 - an unknown model: NOT_FOUND, naming the models served;
-- a `ValueError` (a load of the wrong shape, a placement that does not fit the model or the
+- a load or a placement that does not fit the model (checked here on the protobuf, cheaply,
+  before anything is built from it or sent on: a placement naming 2**31 - 1 logical experts must
+  not allocate for them) and any other `ValueError` (a placement that does not fit the
   workers, a missing placement): INVALID_ARGUMENT with its message;
 - anything else: INTERNAL with a generic message; the exception goes to the server log only.
 
@@ -180,6 +182,37 @@ def _flat(array: np.ndarray) -> list:
     return np.asarray(array).reshape(-1).tolist()
 
 
+def check_load(values: Sequence[float], spec: ModelSpec) -> np.ndarray:
+    """A PlanRequest's flat load as `[L, E]` float64; RequestError (INVALID_ARGUMENT) when it
+    has the wrong length or a value that is negative, NaN or infinite."""
+    layers, experts = spec.num_moe_layers, spec.num_experts
+    if len(values) != layers * experts:
+        raise invalid(f"load must have {layers} x {experts} = {layers * experts} values (layers x experts), "
+                      f"got {len(values)}")
+    load = np.asarray(values, dtype=np.float64).reshape(layers, experts)
+    bad = np.flatnonzero(~np.isfinite(load) | (load < 0))
+    if bad.size:
+        layer, expert = divmod(int(bad[0]), experts)
+        raise invalid(f"load values must be finite and >= 0; {bad.size} are not, the first at layer index {layer}, "
+                      f"expert {expert}: {load[layer, expert]}")
+    return load
+
+
+def check_placement_shape(message: admin_pb2.Placement, spec: ModelSpec, current: Placement) -> None:
+    """What can be checked on the protobuf before a `Placement` is built from it: the model's
+    logical experts, the service's workers, rows no longer than a worker could use."""
+    if message.num_logical_experts != spec.num_logical_experts:
+        raise invalid(f"placement has {message.num_logical_experts} logical experts; the model has "
+                      f"{spec.num_logical_experts} ({spec.num_moe_layers} layers x {spec.num_experts})")
+    if len(message.workers) != current.num_workers:
+        raise invalid(f"placement has {len(message.workers)} workers; the service has {current.num_workers}")
+    longest = max(spec.num_logical_experts, *(len(row) for row in current.slots))
+    long_rows = [w for w, row in enumerate(message.workers) if len(row.experts) > longest]
+    if long_rows:
+        raise invalid(f"placement rows of workers {long_rows[:10]} have more than {longest} slots "
+                      f"(the model's logical experts, or the longest row in service)")
+
+
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def __init__(self, admins: dict[str, AdminOperations], clock: Callable[[], float] = time.monotonic):
         self._admins = admins
@@ -243,7 +276,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def PlanPlacement(self, request, context):
         async def plan(admin: AdminOperations) -> admin_pb2.PlanResponse:
-            load = np.asarray(request.load, dtype=np.float64) if len(request.load) else None
+            load = check_load(request.load, admin.spec) if len(request.load) else None
             report = admin.plan(load)
             if inspect.isawaitable(report):  # an admin in another process answers later
                 report = await report
@@ -264,6 +297,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         async def apply(admin: AdminOperations) -> admin_pb2.RebalanceEvent:
             if not request.HasField("placement"):
                 raise invalid("ApplyPlacement needs a placement; the request has none")
+            check_placement_shape(request.placement, admin.spec, admin.placement)
             event = await admin.apply(placement_from_pb(request.placement))
             return event_to_pb(event, admin.placement.version, self._clock())
 

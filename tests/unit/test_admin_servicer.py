@@ -262,8 +262,12 @@ BAD_PLACEMENTS = [
     pytest.param(_with(_round_robin_rows(), 0, 4, 2), N, "more than once", id="duplicate-in-a-worker"),
     pytest.param(_with(_round_robin_rows(), 1, 4, N), N, "outside 0..7", id="expert-id-out-of-range"),
     pytest.param(_with(_round_robin_rows(), 1, 4, -2), N, "outside 0..7", id="negative-expert-id"),
-    pytest.param([], N, "at least one worker", id="no-workers"),
-    pytest.param(_round_robin_rows(), 0, "num_logical_experts must be >= 1", id="zero-experts"),
+    pytest.param([], N, "placement has 0 workers; the service has 2", id="no-workers"),
+    pytest.param(_round_robin_rows(), 0, "placement has 0 logical experts; the model has 8 (2 layers x 4)",
+                 id="zero-experts"),
+    pytest.param(_round_robin_rows(), 2**31 - 1, "placement has 2147483647 logical experts", id="huge-expert-count"),
+    pytest.param([list(range(N)) + [EMPTY] * 10**6, [0]], N, "rows of workers [0] have more than 8 slots",
+                 id="row-longer-than-any-worker"),
 ]
 
 
@@ -286,6 +290,8 @@ def test_apply_without_a_placement_is_invalid_argument(servicer):
     pytest.param([1.0] * 16, "2 x 4 = 8 values", id="too-long"),
     pytest.param([1.0] * 7 + [-1.0], "finite and >= 0", id="negative"),
     pytest.param([1.0] * 7 + [float("nan")], "finite and >= 0", id="nan"),
+    pytest.param([1.0] * 5 + [float("inf")] + [1.0] * 2, "the first at layer index 1, expert 1: inf", id="inf"),
+    pytest.param([1.0] * 10**6, "got 1000000", id="far-too-long"),
 ])
 def test_plan_with_a_bad_load_is_invalid_argument(servicer, controller, load, message):
     err = rejected(servicer, "PlanPlacement", admin_pb2.PlanRequest(model=MODEL, load=load))
