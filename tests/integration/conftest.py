@@ -20,6 +20,7 @@ from router_service.client import MoEClient
 from tests.integration.support import NAMESPACE, Served, run_on, serve_config
 from workers.reference import ReferenceMoE
 from workers.weights import MixtralCheckpoint, RandomModel, WeightSource
+from workers.worker import ExpertWorker
 
 # The model most tests share: 2 MoE layers x 8 experts over 2 workers.
 MAIN_RANDOM = {"layers": 2, "experts": 8, "hidden": 64, "ffn": 128, "top_k": 2, "seed": 11}
@@ -57,7 +58,7 @@ def reference_weights(config: ServeConfig) -> WeightSource:
     return RandomModel(random.spec(), random.seed)
 
 
-DeployFn = Callable[[ServeConfig], Served]
+DeployFn = Callable[..., Served]  # (config, worker_cls=ExpertWorker) -> Served
 
 
 @pytest.fixture(scope="session")
@@ -65,8 +66,8 @@ def deploy_served(ray_cluster, server_loop) -> Iterator[tuple[DeployFn, Callable
     """(start, stop) for deployments; whatever is still running at session end is stopped."""
     running: list[Served] = []
 
-    def start(config: ServeConfig) -> Served:
-        deployment = run_on(server_loop, deploy(config))
+    def start(config: ServeConfig, worker_cls: type[ExpertWorker] = ExpertWorker) -> Served:
+        deployment = run_on(server_loop, deploy(config, worker_cls=worker_cls))
         served = Served(config, deployment, MoEClient(deployment.address), ReferenceMoE(reference_weights(config)))
         running.append(served)
         served.client.wait_ready(timeout_s=30)
