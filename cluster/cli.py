@@ -41,7 +41,30 @@ def _serve_parser(sub) -> None:
     p.add_argument("--port", type=int, help="gRPC port (router.port), 0 picks a free one")
     p.add_argument("--workers", type=int, help="expert shard workers (workers.count)")
     p.add_argument("--address", help="Ray cluster to join ('auto' or host:port); default: embedded Ray")
-    p.add_argument("--drain-s", type=float, default=10.0, help="grace period for in-flight requests on SIGTERM")
+    p.add_argument("--drain-s", type=float, help="on SIGTERM, how long health says NOT_SERVING while requests are "
+                                                 "still served (router.drain_s, default 5)")
+    p.add_argument("--grace-s", type=float, help="then how long in-flight requests get once new ones are refused "
+                                                 "(router.grace_s, default 10)")
+
+
+TOKEN_ENV = "MOE_SERVE_TOKEN"
+
+
+def _client_options(p: argparse.ArgumentParser) -> None:
+    """TLS and token flags of every command that calls a router."""
+    p.add_argument("--ca-cert", metavar="PEM", help="CA certificate that signed the server's (implies TLS)")
+    p.add_argument("--tls", action="store_true", help="TLS with the system's root CAs (when no --ca-cert)")
+    p.add_argument("--client-cert", metavar="PEM", help="client certificate, for a server that wants one (mutual TLS)")
+    p.add_argument("--client-key", metavar="PEM", help="private key of --client-cert")
+    p.add_argument("--token", help=f"bearer token (default: ${TOKEN_ENV}; the variable keeps it out of `ps`)")
+
+
+def _client_credentials(args):
+    """The `ClientCredentials` of the flags; the one place `MOE_SERVE_TOKEN` is read."""
+    from router_service.security import ClientCredentials
+
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    return ClientCredentials(args.ca_cert, args.client_cert, args.client_key, token.strip() if token else None, args.tls)
 
 
 def _infer_parser(sub) -> None:
@@ -55,6 +78,7 @@ def _infer_parser(sub) -> None:
     p.add_argument("--output", help="save the output hidden states to this .npy file")
     p.add_argument("--topk", action="store_true", help="also ask for topk_ids and topk_weights")
     p.add_argument("--timeout-s", type=float, default=30.0, help="request deadline")
+    _client_options(p)
 
 
 def _demo_parser(sub) -> None:
@@ -72,13 +96,14 @@ def cmd_serve(args) -> int:
     config = load_config(args.config).with_overrides(**{
         "model.checkpoint": args.checkpoint, "model.name": args.model_name, "router.host": args.host,
         "router.port": args.port, "workers.count": args.workers, "ray.address": args.address,
+        "router.drain_s": args.drain_s, "router.grace_s": args.grace_s,
     })
     connect_ray(config.ray)
-    asyncio.run(_serve(config, args.drain_s))
+    asyncio.run(_serve(config))
     return 0
 
 
-async def _serve(config: ServeConfig, drain_s: float) -> None:
+async def _serve(config: ServeConfig) -> None:
     from cluster.launcher import deploy
 
     with load_progress() as progress:
@@ -90,20 +115,22 @@ async def _serve(config: ServeConfig, drain_s: float) -> None:
         f"{config.workers.count} workers, placement v{deployment.placement.version}. "
         f"SIGTERM or Ctrl-C drains and stops.", highlight=False,
     )
-    stop = asyncio.Event()
+    stop, again = asyncio.Event(), asyncio.Event()  # a second signal cuts the drain window short
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, lambda: (again if stop.is_set() else stop).set())
     await stop.wait()
-    console.print(f"draining: health NOT_SERVING, in-flight requests get up to {drain_s:.0f}s")
-    await deployment.stop(grace_s=drain_s)
+    router = config.router
+    await deployment.server.drain(router.drain_s, router.grace_s, say=lambda text: console.print(text, highlight=False),
+                                  cut_short=again)
+    await deployment.stop(grace_s=router.grace_s)  # the server is down already: stops the loops, frees the workers
     console.print("stopped")
 
 
 def cmd_infer(args) -> int:
     from router_service.client import MoEClient
 
-    with MoEClient(args.address) as client:
+    with MoEClient(args.address, credentials=_client_credentials(args)) as client:
         if args.input:
             hidden = np.load(args.input)
         else:
@@ -146,6 +173,7 @@ def _admin_options() -> argparse.ArgumentParser:
     common.add_argument("--address", default="127.0.0.1:8001", help="router address host:port")
     common.add_argument("--model", default="moe", help="model name")
     common.add_argument("--timeout-s", type=float, default=300.0, help="deadline of each admin call")
+    _client_options(common)
     return common
 
 
@@ -178,7 +206,7 @@ def _admin_parsers(sub) -> None:
 def _admin(args):
     from router_service.admin_client import AdminClient
 
-    return AdminClient(args.address, timeout_s=args.timeout_s)
+    return AdminClient(args.address, timeout_s=args.timeout_s, credentials=_client_credentials(args))
 
 
 def _print_json(data: dict) -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 
 import grpc
+import numpy as np
 import pytest
 import ray
 from google.protobuf.descriptor_pool import DescriptorPool
@@ -13,17 +17,22 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from protos import grpc_predict_v2_pb2 as pb
 from protos import grpc_predict_v2_pb2_grpc as pb_grpc
-from router_service.client import build_request
+from cluster.launcher import Deployment, deploy
+from router_service.client import MoEClient, build_request
 from tests.integration.support import (
+    FP32_REL_TOL,
     MARKS,
     NAMESPACE,
     Served,
     health_status,
     hidden_states,
+    rel_err,
     run_on,
     serve_config,
     wait_until,
 )
+from workers.reference import ReferenceMoE
+from workers.weights import RandomModel
 
 pytestmark = MARKS
 
@@ -155,3 +164,82 @@ def test_a_second_deployment_under_a_taken_name_fails_and_leaves_the_first_servi
     assert {f"{main_server.name}-worker-{i:02d}" for i in range(main_server.config.workers.count)} <= _named_actors()
     for layer in main_server.spec.moe_layers:
         main_server.assert_serves_correctly(layer, hidden_states(7, main_server.spec.hidden_size, seed=layer))
+
+
+SLOW = 4321.5  # a request whose first value is this holds its worker for SLOW_S
+SLOW_S = 4.0
+
+
+def _slow_worker_class() -> type:
+    """An expert worker that takes SLOW_S over a batch share holding the SLOW token (defined in
+    a function, so Ray ships the class by value and the workers need not import the tests)."""
+    from workers.worker import ExpertWorker
+
+    class SlowWorker(ExpertWorker):
+        def forward(self, x, expert_ids, offsets, token_idx, weights):
+            if np.any(x[token_idx, 0] == SLOW):
+                time.sleep(SLOW_S)
+            return super().forward(x, expert_ids, offsets, token_idx, weights)
+
+    return SlowWorker
+
+
+async def _tokens_in_workers(deployment: Deployment) -> int:
+    return int(deployment.router.outstanding_tokens_now().sum())
+
+
+def _refused(address: str, name: str, x: np.ndarray) -> bool:
+    """A new request on a new connection: True if refused with UNAVAILABLE, False if served."""
+    with MoEClient(address) as client:
+        try:
+            client.infer(name, x, layer=0, timeout_s=20)
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, f"{err.code().name}: {err.details()}"
+            return True
+    return False
+
+
+def test_drain_serves_through_the_window_lets_in_flight_requests_finish_then_refuses(
+    ray_cluster, server_loop
+) -> None:
+    """What `moe-serve serve` does on SIGTERM (`RouterServer.drain`), step by step."""
+    config = serve_config("it-drain", random={"layers": 1, "experts": 4, "hidden": 32, "ffn": 48}, workers=1)
+    deployment = run_on(server_loop, deploy(config, worker_cls=_slow_worker_class()))
+    random = config.model.random_or_default
+    served = Served(config, deployment, MoEClient(deployment.address), ReferenceMoE(RandomModel(random.spec(), random.seed)))
+    address, name, x = served.address, served.name, hidden_states(6, 32, seed=9)
+    slow = x.copy()
+    slow[0, 0] = SLOW
+    said: list[str] = []
+    window_over = asyncio.Event()
+    try:
+        served.client.wait_ready(timeout_s=30)
+        draining = asyncio.run_coroutine_threadsafe(
+            deployment.server.drain(drain_s=120, grace_s=30, say=said.append, cut_short=window_over), server_loop)
+        with grpc.insecure_channel(address) as channel:
+            wait_until(lambda: health_status(channel) == "NOT_SERVING", 10, "health to say NOT_SERVING")
+        served.assert_serves_correctly(0, x)  # the window: load balancers look elsewhere, we still serve
+        assert not draining.done()
+
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(served.client.infer, name, slow, layer=0, timeout_s=60)
+            wait_until(lambda: run_on(server_loop, _tokens_in_workers(deployment)) > 0, 20,
+                       "the slow request to reach its worker")
+            server_loop.call_soon_threadsafe(window_over.set)
+            # `stopping` is said on the server's loop just before it marks the model not ready,
+            # with no await between: no request can slip in after we see it
+            wait_until(lambda: any(line.startswith("stopping") for line in said), 10, "the window to end")
+            assert _refused(address, name, x), "a new request after the window was served"
+            assert not in_flight.done(), "the request in flight should still be running when new ones are refused"
+            got = in_flight.result(timeout=60)
+        want, _, _ = served.expected(0, slow)
+        assert rel_err(got.hidden_states, want) < FP32_REL_TOL
+        draining.result(timeout=60)
+        assert [line.split(":")[0] for line in said] == ["draining", "drain window cut short", "stopping"], said
+        assert "health NOT_SERVING" in said[0]
+    finally:
+        served.client.close()
+        run_on(server_loop, deployment.stop(grace_s=2.0))  # the server is down already: frees the workers
+    with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as caught:
+        health_status(channel, timeout_s=2)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
