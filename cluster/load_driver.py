@@ -12,6 +12,7 @@ import torch
 
 from cluster.model_spec import ModelSpec
 from router_service.client import MoEClient
+from router_service.security import ClientCredentials
 
 FP32_REL_TOL = 1e-5
 
@@ -21,15 +22,17 @@ class LoadDriver:
 
     outcomes: `"OK"`, `"wrong: ..."` or the gRPC status name of a failure, per request, with the
     placement version that served it (-1 for a failure). `sample(layer, tokens, rng)` makes the
-    hidden states (default: standard normal); `pause_s` between requests sets a light load.
+    hidden states (default: standard normal); `pause_s` between requests sets a light load;
+    `credentials`: TLS and token for a secured server.
     """
 
     def __init__(self, address: str, model: str, spec: ModelSpec,
                  expected: Callable[[int, np.ndarray], torch.Tensor], threads: int = 2,
                  tokens: tuple[int, int] = (16, 96), seed: int = 0, timeout_s: float = 30.0,
                  wait_for_ready: bool = False, sample: Callable[[int, int, np.random.Generator], np.ndarray] | None = None,
-                 pause_s: float = 0.0):
+                 pause_s: float = 0.0, credentials: ClientCredentials | None = None):
         self._args = (address, model, spec, expected, tokens, timeout_s, wait_for_ready)
+        self._credentials = credentials
         self._pause_s = pause_s
         self._sample = sample or (lambda layer, n, rng: rng.standard_normal((n, spec.hidden_size), dtype=np.float32))
         self._seeds = [seed + i for i in range(threads)]
@@ -48,7 +51,7 @@ class LoadDriver:
     def _drive(self, seed: int) -> None:
         address, model, spec, expected, (low, high), timeout_s, wait = self._args
         rng = np.random.default_rng(seed)
-        with MoEClient(address) as client:
+        with MoEClient(address, credentials=self._credentials) as client:
             while not self._stop.wait(self._pause_s):
                 layer = spec.moe_layers[int(rng.integers(spec.num_moe_layers))]
                 x = self._sample(layer, int(rng.integers(low, high)), rng)

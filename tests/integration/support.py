@@ -43,8 +43,9 @@ def serve_config(
     checkpoint: str | None = None,
     workers: int = 2,
     router: dict | None = None,
+    security: dict | None = None,
 ) -> ServeConfig:
-    """A config on port 0 in the test namespace; `random`/`router` are sections as in YAML."""
+    """A config on port 0 in the test namespace; `random`/`router`/`security` are sections as in YAML."""
     model: dict[str, Any] = {"name": name}
     if checkpoint is not None:
         model["checkpoint"] = checkpoint
@@ -55,6 +56,7 @@ def serve_config(
         "workers": {"count": workers, "num_cpus": 0.5, "torch_threads": 1},
         "router": {"port": 0, **(router or {})},
         "ray": {"namespace": NAMESPACE},
+        "security": security or {},
     }, source=f"test config {name}")
 
 

@@ -56,7 +56,9 @@ class Pki:
     server_key: Path
     client_cert: Path
     client_key: Path
-    other_ca_cert: Path  # a CA that signed nothing here
+    other_ca_cert: Path  # another CA: it signed only the foreign client certificate
+    foreign_client_cert: Path
+    foreign_client_key: Path
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
@@ -92,7 +94,7 @@ def _write(path: Path, cert: x509.Certificate | None = None, key=None) -> Path:
 
 
 def make_pki(directory: Path) -> Pki:
-    ca_key, server_key, client_key, other_key = _key(), _key(), _key(), _key()
+    ca_key, server_key, client_key, other_key, foreign_key = _key(), _key(), _key(), _key(), _key()
     ca = _cert("moe-serve test CA", ca_key, "moe-serve test CA", ca_key, ca=True)
     other = _cert("some other CA", other_key, "some other CA", other_key, ca=True)
     return Pki(
@@ -102,6 +104,8 @@ def make_pki(directory: Path) -> Pki:
         client_cert=_write(directory / "client.crt", _cert("a client", client_key, "moe-serve test CA", ca_key)),
         client_key=_write(directory / "client.key", key=client_key),
         other_ca_cert=_write(directory / "other-ca.crt", other),
+        foreign_client_cert=_write(directory / "foreign.crt", _cert("a stranger", foreign_key, "some other CA", other_key)),
+        foreign_client_key=_write(directory / "foreign.key", key=foreign_key),
     )
 
 
