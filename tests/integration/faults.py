@@ -1,4 +1,5 @@
-"""Fault injection for the fault tests: a worker that dies on a poison request.
+"""Fault injection for the fault tests: a worker that dies on a poison request, or takes its
+time over a slow one (so tests can hold the workers busy without racing the clock).
 
 Ray ships this module's classes to the workers by value (`register`), so the worker processes
 need not import the tests package.
@@ -8,22 +9,28 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import numpy as np
 import ray
 
 from workers.worker import ExpertWorker
 
-POISON = 1234.5  # a request whose first value is this kills every worker that computes it
+POISON = 1234.5  # a token whose first value is this kills every worker that computes it
+SLOW = 4321.5  # a token whose first value is this holds its workers for SLOW_S
+SLOW_S = 2.0
 
 
-class PoisonedWorker(ExpertWorker):
+class FaultyWorker(ExpertWorker):
     """An expert worker whose process exits (as on a segfault or OOM kill) when its share of a
-    batch contains the poison token."""
+    batch contains the poison token, and that computes slowly when it contains the slow one."""
 
     def forward(self, x: np.ndarray, expert_ids, offsets, token_idx, weights):
-        if np.any(x[token_idx, 0] == POISON):
+        first = x[token_idx, 0]
+        if np.any(first == POISON):
             os._exit(1)
+        if np.any(first == SLOW):
+            time.sleep(SLOW_S)
         return super().forward(x, expert_ids, offsets, token_idx, weights)
 
 

@@ -51,7 +51,7 @@ def replicated(deploy_served, server_loop) -> Iterator[Served]:
     config = serve_config("it-faults", random=FAULT_RANDOM, workers=3).with_overrides(**{
         "rebalance.enabled": False, "workers.slots_per_worker": 6,
     })
-    served = start(config, worker_cls=faults.PoisonedWorker)
+    served = start(config, worker_cls=faults.FaultyWorker)
     deployment = served.deployment
     current = deployment.placement
     target = Placement.from_mapping(current.version + 1, current.num_logical_experts,
