@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from router_service.batcher import Batcher, RequestResult
+from router_service.errors import ExpertUnavailable, Overloaded
 from router_service.gate import Routing
 from router_service.moe_layer import LayerOutput
 
@@ -401,5 +402,76 @@ def test_close_during_the_wait_window_leaves_no_caller_waiting() -> None:
         done, pending = await asyncio.wait([waiting], timeout=2.0)
         assert not pending, "close() left a submit() in the forming batch waiting forever"
         assert waiting.cancelled() or waiting.exception() is None
+
+    run(scenario)
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults and admission control
+# ---------------------------------------------------------------------------------------------
+
+
+class UnservedModel(FakeModel):
+    """Marks the rows of request `bad_id` failed, as the layer does for tokens whose experts
+    have no live replica."""
+
+    def __init__(self, bad_id: int):
+        super().__init__()
+        self.bad_id = bad_id
+
+    async def forward(self, layer: int, hidden: torch.Tensor) -> LayerOutput:
+        out = await super().forward(layer, hidden)
+        failed = (hidden[:, 0] == self.bad_id).numpy()
+        return LayerOutput(out.hidden, out.routing, out.expert_tokens, out.placement_version, failed,
+                           ExpertUnavailable([(0, 3)]))
+
+
+def test_failed_tokens_fail_only_their_own_request() -> None:
+    async def scenario() -> None:
+        model = UnservedModel(bad_id=2)
+        batcher = Batcher(model.forward, max_batch_tokens=100, max_wait_ms=5.0, max_inflight_batches=1)
+        client = Client(batcher)
+        calls = [client.submit(i, 3) for i in (1, 2, 3)]
+        done = await asyncio.gather(*(task for _, task in calls), return_exceptions=True)
+        assert model.request_ids() == [[1, 2, 3]]  # one batch
+        assert isinstance(done[1], ExpertUnavailable)
+        assert_own_rows(done[0], calls[0][0])
+        assert_own_rows(done[2], calls[2][0])
+
+    run(scenario)
+
+
+def test_a_full_queue_refuses_at_once_and_a_lone_large_request_still_goes() -> None:
+    async def scenario() -> None:
+        model = FakeModel(hold_first=True)
+        batcher = Batcher(model.forward, max_batch_tokens=100, max_wait_ms=0.0, max_inflight_batches=1,
+                          max_queued_tokens=10, model="m")
+        client = Client(batcher)
+        _, first = client.submit(1, 50)  # more than the limit, alone: it goes
+        await model.first_started.wait()
+        _, queued = client.submit(2, 8)
+        await client.all_entered(2)
+        with pytest.raises(Overloaded, match="router.max_queued_tokens = 10"):
+            await batcher.submit(0, rows(3, 4))
+        model.release.set()
+        assert (await first).hidden.shape[0] == 50
+        assert (await queued).hidden.shape[0] == 8
+
+    run(scenario)
+
+
+def test_a_batch_whose_every_request_is_cancelled_is_cancelled_in_the_workers() -> None:
+    async def scenario() -> None:
+        model = FakeModel(hold_first=True)
+        batcher = Batcher(model.forward, max_batch_tokens=100, max_wait_ms=0.0, max_inflight_batches=1)
+        client = Client(batcher)
+        _, a = client.submit(1, 4)
+        await model.first_started.wait()
+        assert len(batcher._queues[0]._tasks) == 1
+        a.cancel()
+        await until(lambda: not batcher._queues[0]._tasks)  # the running batch was cancelled
+        _, b = client.submit(2, 4)  # its slot is free again
+        model.release.set()
+        assert (await b).hidden.shape[0] == 4
 
     run(scenario)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cluster.placement import EMPTY, Placement
-from router_service.dispatch import DispatchPlan, ReplicaTable, combine, plan_dispatch, water_fill
+from router_service.dispatch import DispatchPlan, ReplicaTable, combine, plan_dispatch, plan_retry, water_fill
 from router_service.gate import Routing, mixtral_route
 
 # ---------------------------------------------------------------------------------------------
@@ -265,6 +265,45 @@ def test_replica_table_pads_with_empty() -> None:
     np.testing.assert_array_equal(table.worker, [[0, EMPTY], [0, 1], [1, EMPTY]])
     np.testing.assert_array_equal(table.count, [1, 2, 1])
     np.testing.assert_array_equal(table.replicated, [1])
+
+
+def test_replica_table_leaves_out_down_workers() -> None:
+    p = Placement.from_mapping(4, 3, {0: [0, 1], 1: [2, EMPTY, 1], 2: [EMPTY]})
+
+    table = ReplicaTable(p, down=frozenset({0}))
+
+    np.testing.assert_array_equal(table.worker, [[EMPTY, EMPTY], [1, EMPTY], [1, EMPTY]])
+    np.testing.assert_array_equal(table.count, [0, 1, 1])
+    np.testing.assert_array_equal(table.unserved, [0])
+
+
+def test_tokens_of_an_unserved_expert_are_not_sent_anywhere() -> None:
+    placement = Placement.round_robin(4, 2)  # worker 0: experts 0, 2; worker 1: 1, 3
+    routing = fixed_routing([[0, 1], [2, 3], [1, 3]])
+
+    plan = plan_dispatch(routing, 0, 4, ReplicaTable(placement, down=frozenset({0})))
+
+    np.testing.assert_array_equal(plan.unserved_tokens, [0, 1])
+    np.testing.assert_array_equal(plan.unserved_experts, [0, 2])
+    assert [r.worker for r in plan.requests] == [1]
+    np.testing.assert_array_equal(plan.requests[0].token_idx, [2, 2])  # token 2 alone: experts 1, 3
+    np.testing.assert_array_equal(plan.expert_tokens, [1, 2, 1, 2])  # the load counts every token
+
+
+def test_a_retry_sends_the_same_assignments_to_the_other_replicas() -> None:
+    placement = Placement.from_mapping(0, 2, {0: [0, 1], 1: [0, 1]})
+    routing = fixed_routing([[0, 1], [1, 0], [0, 1]], [[0.75, 0.25], [0.5, 0.5], [0.5, 0.5]])
+    plan = plan_dispatch(routing, 0, 2, ReplicaTable(placement))
+    lost = [r for r in plan.requests if r.worker == 0]
+
+    retry = plan_retry(lost, ReplicaTable(placement, down=frozenset({0})))
+
+    assert [r.worker for r in retry.requests] == [1]
+    sent = sorted(zip(np.repeat(lost[0].expert_ids, np.diff(lost[0].offsets)), lost[0].token_idx, lost[0].weights))
+    again = retry.requests[0]
+    resent = sorted(zip(np.repeat(again.expert_ids, np.diff(again.offsets)), again.token_idx, again.weights))
+    assert sent == resent
+    assert not retry.expert_tokens.any()  # the load was counted once, by the first plan
 
 
 def test_plan_dispatch_golden_second_layer() -> None:
