@@ -4,8 +4,9 @@ serving correctly afterwards.
 
 - random bytes to every method of the inference and admin services, sent with identity
   serializers, so they reach the server exactly as drawn;
-- structured random `ModelInferRequest`s: shapes, datatypes, names, parameters of every kind,
-  typed contents and raw contents of random lengths, some of them right for the model.
+- structured random `ModelInferRequest`s: valid ones for the model (answers checked against
+  the reference) with at most one thing made wrong, and wild ones: shapes, datatypes, names,
+  parameters of every kind, typed contents and raw contents of random lengths.
 
 Hypothesis runs derandomized (the same examples every run, so CI does not flake on a new one)
 with no example database; to explore further, run with `--hypothesis-seed=N` and without
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -24,8 +26,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protos import grpc_predict_v2_pb2 as pb
+from router_service.client import parse_response
 from router_service.server import ADMIN_DESCRIPTOR, INFERENCE_DESCRIPTOR
-from tests.integration.support import MARKS, Served, health_status, hidden_states
+from tests.integration.support import (
+    BF16_REL_TOL,
+    FP16_REL_TOL,
+    FP32_REL_TOL,
+    MARKS,
+    Served,
+    from_bf16_bits,
+    health_status,
+    hidden_states,
+    rel_err,
+    to_bf16_bits,
+)
 
 pytestmark = MARKS
 
@@ -109,7 +123,6 @@ parameters = st.one_of(
 )
 parameter_maps = st.dictionaries(st.sampled_from(["layer", "priority", "timeout", ""]) | texts, parameters, max_size=3)
 datatypes = st.sampled_from(["FP32", "FP16", "BF16", "INT32", "INT64", "BYTES", "BOOL", "FP64", "", "fp32"]) | texts
-itemsize = {"FP32": 4, "FP16": 2, "BF16": 2}
 
 
 @st.composite
@@ -132,7 +145,8 @@ def typed_contents(draw) -> pb.InferTensorContents:
 
 
 @st.composite
-def infer_requests(draw) -> pb.ModelInferRequest:
+def wild_requests(draw) -> pb.ModelInferRequest:
+    """Anything the message allows: tensors, parameters and contents at random."""
     request = pb.ModelInferRequest(
         model_name=draw(mostly(st.just(MODEL), texts | st.just("m" * 20000))),
         model_version=draw(mostly(st.sampled_from(["", "1"]), st.just("2") | texts)),
@@ -140,18 +154,6 @@ def infer_requests(draw) -> pb.ModelInferRequest:
     )
     for key, value in draw(parameter_maps).items():
         request.parameters[key].CopyFrom(value)
-    if draw(st.booleans()):  # close to a good request: one hidden_states tensor of the right width
-        tokens = draw(st.integers(1, 4))
-        datatype = draw(st.sampled_from(sorted(itemsize)))
-        tensor = request.inputs.add(name="hidden_states", datatype=datatype, shape=[tokens, HIDDEN])
-        size = tokens * HIDDEN * itemsize[datatype]
-        if datatype == "FP32" and draw(st.booleans()):
-            tensor.contents.fp32_contents.extend(draw(st.lists(
-                st.floats(-4, 4, width=32) | st.floats(width=32), min_size=tokens * HIDDEN, max_size=tokens * HIDDEN)))
-        else:
-            request.raw_input_contents.append(draw(st.binary(min_size=size, max_size=size) | st.binary(max_size=2 * size)))
-        if draw(st.booleans()):
-            request.parameters["layer"].int64_param = draw(st.sampled_from([0, 1]))
     for _ in range(draw(st.integers(0, 3))):
         tensor = request.inputs.add(name=draw(st.just("hidden_states") | texts), datatype=draw(datatypes),
                                     shape=draw(st.lists(dims, max_size=4)))
@@ -167,26 +169,118 @@ def infer_requests(draw) -> pb.ModelInferRequest:
     return request
 
 
+@dataclass(frozen=True)
+class Case:
+    """A request and, when it was left valid (`mutation` "none"), what the server must answer."""
+
+    request: pb.ModelInferRequest
+    mutation: str
+    layer: int = 0
+    sent: np.ndarray | None = None  # `[T, H]` float32: the values the server decodes
+    datatype: str = "FP32"
+
+
+MUTATIONS = ["none", "none", "none", "datatype", "shape", "name", "extra-input", "extra-raw", "raw-length",
+             "non-finite", "layer", "no-layer", "output", "parameters", "model"]
+
+
+@st.composite
+def mutated_requests(draw) -> Case:
+    """A valid request for the shared model (FP32 typed or raw, FP16, BF16; the layer as int64,
+    uint64 or string), then at most one thing made wrong."""
+    tokens, layer = draw(st.integers(1, 4)), draw(st.sampled_from([0, 1]))
+    datatype = draw(st.sampled_from(["FP32", "FP16", "BF16"]))
+    values = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).standard_normal((tokens, HIDDEN), dtype=np.float32)
+    mutation = draw(st.sampled_from(MUTATIONS))
+    if mutation == "non-finite":
+        values[draw(st.integers(0, tokens - 1)), draw(st.integers(0, HIDDEN - 1))] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+    if datatype == "FP16":
+        raw, sent = values.astype(np.float16).tobytes(), values.astype(np.float16).astype(np.float32)
+    elif datatype == "BF16":
+        bits = to_bf16_bits(values)
+        raw, sent = bits.tobytes(), from_bf16_bits(bits).numpy()
+    else:
+        raw, sent = values.tobytes(), values
+    request = pb.ModelInferRequest(model_name=MODEL, id=draw(texts))
+    tensor = request.inputs.add(name="hidden_states", datatype=datatype, shape=[tokens, HIDDEN])
+    if datatype == "FP32" and draw(st.booleans()):
+        tensor.contents.fp32_contents.extend(values.reshape(-1).tolist())
+    else:
+        request.raw_input_contents.append(raw)
+    kind = draw(st.sampled_from(["int64_param", "uint64_param", "string_param"]))
+    setattr(request.parameters["layer"], kind, str(layer) if kind == "string_param" else layer)
+    for name in draw(st.lists(st.sampled_from(["hidden_states", "topk_ids", "topk_weights"]), max_size=3, unique=True)):
+        request.outputs.add(name=name)
+
+    if mutation == "datatype":
+        tensor.datatype = draw(datatypes)
+    elif mutation == "shape":
+        tensor.ClearField("shape")
+        tensor.shape.extend(draw(st.lists(dims, max_size=4)))
+    elif mutation == "name":
+        tensor.name = draw(texts)
+    elif mutation == "extra-input":
+        request.inputs.add(name=draw(st.just("hidden_states") | texts), datatype=draw(datatypes),
+                           shape=draw(st.lists(dims, max_size=3)))
+    elif mutation == "extra-raw":
+        request.raw_input_contents.append(draw(st.binary(max_size=64)))
+    elif mutation == "raw-length":
+        request.ClearField("raw_input_contents")
+        request.raw_input_contents.append(draw(st.binary(max_size=2 * len(raw))))
+    elif mutation == "layer":
+        request.parameters["layer"].CopyFrom(draw(parameters))
+    elif mutation == "no-layer":
+        del request.parameters["layer"]
+    elif mutation == "output":
+        request.outputs.add(name=draw(texts))
+    elif mutation == "parameters":  # unknown parameters are ignored: still a valid request
+        for key, value in draw(parameter_maps).items():
+            if key != "layer":
+                request.parameters[key].CopyFrom(value)
+        for key, value in draw(parameter_maps).items():
+            tensor.parameters[key].CopyFrom(value)
+    elif mutation == "model":
+        request.model_name = draw(texts)
+        request.model_version = draw(texts)
+    still_valid = mutation in ("none", "parameters")
+    return Case(request, mutation if not still_valid else "none", layer, sent if still_valid else None, datatype)
+
+
 ANSWERED: Counter[str] = Counter()
+TOLERANCE = {"FP32": FP32_REL_TOL, "FP16": FP16_REL_TOL, "BF16": BF16_REL_TOL}
 
 
-@settings(max_examples=250, deadline=None, derandomize=True, database=None,
+def _hidden_as_float32(response: pb.ModelInferResponse) -> np.ndarray:
+    hidden = parse_response(response).hidden_states
+    return from_bf16_bits(hidden).numpy() if hidden.dtype == np.uint16 else hidden.astype(np.float32)
+
+
+def _asked_for_hidden(request: pb.ModelInferRequest) -> bool:
+    return not request.outputs or any(o.name == "hidden_states" for o in request.outputs)
+
+
+@settings(max_examples=600, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(request=infer_requests())
-def test_random_inference_requests_are_never_unknown_or_internal(channel, request: pb.ModelInferRequest) -> None:
+@given(case=mutated_requests() | wild_requests().map(lambda r: Case(r, "wild")))
+def test_random_inference_requests_are_never_unknown_or_internal(main_server: Served, channel, case: Case) -> None:
     call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
                                request_serializer=pb.ModelInferRequest.SerializeToString,
                                response_deserializer=pb.ModelInferResponse.FromString)
     try:
-        response = call(request, timeout=30)
+        response = call(case.request, timeout=30)
     except grpc.RpcError as err:
-        assert err.code() not in NEVER, f"{err.code().name}: {err.details()}\n{request}"
+        assert err.code() not in NEVER, f"{err.code().name}: {err.details()}\n{case.request}"
+        assert case.mutation != "none", f"a valid request was refused: {err.code().name}: {err.details()}"
         ANSWERED[err.code().name] += 1
         return
     ANSWERED["OK"] += 1
-    tokens = request.inputs[0].shape[0]
+    tokens = case.request.inputs[0].shape[0]
     assert response.model_name == MODEL
     assert all(list(o.shape) == [tokens, HIDDEN] for o in response.outputs if o.name == "hidden_states")
+    if case.mutation == "none" and _asked_for_hidden(case.request):  # valid: the answer equals the reference
+        want, _, _ = main_server.expected(case.layer, case.sent)
+        err = rel_err(_hidden_as_float32(response), want)
+        assert err < TOLERANCE[case.datatype], f"{case.datatype} answer: relative error {err:.2e}"
 
 
 def test_after_the_fuzz_the_server_still_serves_correctly(main_server: Served, channel) -> None:
