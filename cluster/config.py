@@ -80,6 +80,7 @@ class WorkersConfig(_Section):
     torch_threads: Annotated[int, Field(ge=1, description="torch intra-op threads per worker")] = 1
     device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="where expert math runs")] = "auto"
     resources: Annotated[dict[str, Annotated[float, Field(gt=0)]], Field(description="custom Ray resources per worker, e.g. {expert_worker: 1} to land on the cluster's expert-worker nodes")] = {}
+    spread: Annotated[bool, Field(description="spread the workers over the nodes (Ray's SPREAD strategy), so losing a node loses as few as possible; false packs them")] = True
     health_check_interval_s: Annotated[float, Field(gt=0, description="how often the supervisor probes every worker (a lost one is routed around, reloaded once Ray restarts it)")] = 0.5
     health_check_timeout_s: Annotated[float, Field(gt=0, description="a probe not answered within this long is missed")] = 1.0
     health_check_misses: Annotated[int, Field(ge=1, description="probes missed in a row before a worker counts as down (at once when a router saw it fail)")] = 3

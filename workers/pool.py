@@ -66,6 +66,7 @@ class ExpertPool:
             num_gpus=self.gpus_per_worker(),
             resources=dict(self._config.resources),
             max_concurrency=1,
+            scheduling_strategy="SPREAD" if self._config.spread else "DEFAULT",
             max_restarts=-1,
             max_task_retries=0,  # the router retries elsewhere, boundedly: never a crash loop
         ).remote(index, self._weights, self._config.torch_threads, self._config.device)
