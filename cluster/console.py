@@ -87,11 +87,24 @@ def worker_load_table(workers: list[dict]) -> Table:
     for col in columns:
         table.add_column(col, justify="left" if col == "node" else "right")
     for w in workers:
-        cells = [str(w["index"]), str(w["node_id"])[:12], str(w["replicas"]), str(w["calls"]), str(w["tokens"]),
+        index = f"{w['index']} [red]down[/]" if w.get("down") else str(w["index"])
+        cells = [index, str(w["node_id"])[:12], str(w["replicas"]), str(w["calls"]), str(w["tokens"]),
                  f"{w['busy_s']:.2f}", str(w["outstanding_tokens"])]
         if rates:
             cells += [f"{w['tokens_per_s']:,.0f}", f"{w['busy_fraction']:.0%}"]
         table.add_row(*cells)
+    return table
+
+
+def worker_events_table(events: list[dict], title: str = "recent worker faults") -> Table:
+    """events: dicts with `age_s, kind, workers, duration_s, detail` (`WorkerEvent`), oldest first."""
+    table = Table(title=title)
+    for col in ("age s", "event", "workers", "took s", "detail"):
+        table.add_column(col, justify="left" if col == "detail" else "right")
+    colour = {"lost": "red", "unrepaired": "red", "repaired": "yellow", "reloaded": "green"}
+    for e in events:
+        table.add_row(f"{e['age_s']:.1f}", f"[{colour.get(e['kind'], 'white')}]{e['kind']}[/]",
+                      ", ".join(map(str, e["workers"])), f"{e['duration_s']:.2f}", escape(e["detail"]))
     return table
 
 
@@ -159,6 +172,8 @@ def service_summary(status: dict) -> Table:
         "balancedness (min layer)": f"{min(status['balancedness']):.3f}",
         "autoscaler": status["autoscaler"]["mode"],
     }
+    if status.get("down_workers"):
+        rows["workers down"] = f"[red]{', '.join(map(str, status['down_workers']))}[/] (routed around; reloaded once back)"
     if decision is not None:
         rows["last decision"] = escape(f"{decision['action']} -> {decision['target_workers']}: {decision['reason']}")
     return summary_table(f"moe-serve: {status['model']}", rows)

@@ -14,7 +14,7 @@ import time
 from cluster.config import ConfigError, RayConfig, load_config
 from cluster.console import (
     console, decisions_table, events_table, load_progress, placement_table, scale_events_table,
-    service_summary, worker_load_table,
+    service_summary, worker_events_table, worker_load_table,
 )
 
 
@@ -146,6 +146,8 @@ def status_view(status: dict):
         parts.append(scale_events_table(status["scale_events"][-10:]))
     if status["rebalance_events"]:
         parts.append(events_table(status["rebalance_events"][-10:]))
+    if status.get("worker_events"):
+        parts.append(worker_events_table(status["worker_events"][-10:]))
     return Group(*parts)
 
 
