@@ -15,6 +15,7 @@ import grpc
 import pytest
 import ray
 
+from cluster.metrics import exported_name
 from cluster.placement import Placement
 from tests.integration import faults
 from tests.integration.support import (
@@ -23,7 +24,9 @@ from tests.integration.support import (
     Served,
     hidden_states,
     run_on,
+    scrape,
     serve_config,
+    total,
     wait_until,
 )
 from workers.pool import worker_name
@@ -119,6 +122,12 @@ def test_a_lost_worker_costs_a_reroute_when_its_experts_have_replicas(replicated
     stats = {s["index"]: s for s in run_on(server_loop, plane.pool.stats_async())}
     assert stats[1]["replicas"] == len(plane.placement.experts_of(1)), stats[1]  # reloaded in full
     _assert_every_layer_right(replicated)
+
+    def counted(kind: str) -> float:
+        return total(scrape(), exported_name("worker_events") + "_total", model=replicated.name, kind=kind)
+
+    wait_until(lambda: counted("lost") >= 1 and counted("reloaded") >= 1, 30, "the fault counted in the metrics",
+               poll_s=0.5)
 
 
 def test_a_poison_request_ends_with_a_clear_error_and_cannot_crash_loop_workers(replicated: Served) -> None:
