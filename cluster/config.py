@@ -290,7 +290,8 @@ def validate_config(data: object, source: str = "config") -> ServeConfig:
         lines = []
         for e in err.errors():
             key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-            got = "" if e["type"] == "missing" else f" (got {e.get('input')!r})"
+            # a check across sections (top level) quotes its values itself, not the whole config
+            got = "" if e["type"] == "missing" or not e["loc"] else f" (got {e.get('input')!r})"
             lines.append(f"  {key}: {e['msg']}{got}")
         raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines)) from None
 

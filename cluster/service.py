@@ -166,13 +166,14 @@ class ServiceController:
         return {"mode": self.plane.autoscaler.mode, **{k: v for k, v in dataclasses.asdict(event).items()
                                                        if k != "migration"}}
 
-    async def shutdown(self, grace_s: float = 5.0) -> None:
-        """Stop the router (in-flight requests get `grace_s`), the loops and the workers."""
+    async def shutdown(self, grace_s: float = 5.0, drain_s: float = 0.0) -> None:
+        """Stop the router (after a `drain_s` window of NOT_SERVING; in-flight requests get
+        `grace_s`), the loops and the workers."""
         if self._watch is not None:
             self._watch.cancel()
         if self._router is not None:
             try:
-                await self._router.stop.remote(grace_s)
+                await self._router.stop.remote(grace_s, drain_s)
             except ray.exceptions.RayActorError:
                 pass
             ray.kill(self._router, no_restart=True)
@@ -231,9 +232,11 @@ class RouterActor:
     async def take_report(self):
         return await self.side.take_report()
 
-    async def stop(self, grace_s: float = 5.0) -> None:
+    async def stop(self, grace_s: float = 5.0, drain_s: float = 0.0) -> None:
+        """Leave service: `drain_s` of NOT_SERVING while still serving, then in-flight requests
+        get `grace_s`."""
         if self.side is not None and self.side.server is not None:
-            await self.side.server.stop(grace_s)
+            await self.side.server.drain(drain_s, grace_s)
 
 
 class RemoteAdmin:

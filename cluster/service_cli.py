@@ -44,6 +44,8 @@ def add_service_parsers(sub) -> None:
     group.add_argument("workers", nargs="?", type=int, help="workers to run (within min/max workers)")
     group.add_argument("--auto", action="store_true", help="let the autoscaler decide again")
     p = sub.add_parser("shutdown", parents=[named], help="stop the router and the workers, remove the service")
+    p.add_argument("--drain-s", type=float, default=0.0, help="first say NOT_SERVING and keep serving this long, "
+                   "so load balancers stop sending (default 0: stop at once)")
     p.add_argument("--grace-s", type=float, default=10.0, help="time in-flight requests get to finish")
 
 
@@ -172,7 +174,9 @@ def cmd_shutdown(args) -> int:
     import ray
 
     controller = _controller(args)
-    ray.get(controller.shutdown.remote(args.grace_s))
+    if args.drain_s > 0:
+        console.print(f"draining {args.model}: health NOT_SERVING, still serving for {args.drain_s:g}s", highlight=False)
+    ray.get(controller.shutdown.remote(args.grace_s, args.drain_s))
     ray.kill(controller)
     console.print(f"stopped {args.model}: router, workers and controller are gone")
     return 0

@@ -29,7 +29,8 @@ class ModelRouter:
         self.name = name
         self.router_id = router_id
         self.spec: ModelSpec = layer.spec
-        self.ready = False
+        self.ready = False  # serves requests
+        self.draining = False  # leaving service: still serves, but tells readiness probes no
         self.expert_tokens = np.zeros((self.spec.num_moe_layers, self.spec.num_experts), dtype=np.int64)
         self._reported = self.expert_tokens.copy()
         self._queue_delays: deque[float] = deque(maxlen=self.MAX_DELAY_SAMPLES)
@@ -38,7 +39,12 @@ class ModelRouter:
         self._batcher = Batcher(self._forward, model=name, **batcher_options)
 
     def __repr__(self) -> str:
-        return f"ModelRouter(name={self.name!r}, ready={self.ready})"
+        return f"ModelRouter(name={self.name!r}, ready={self.ready}, draining={self.draining})"
+
+    @property
+    def reports_ready(self) -> bool:
+        """What `ServerReady` / `ModelReady` say: serving, and not draining."""
+        return self.ready and not self.draining
 
     async def _forward(self, layer: int, hidden: torch.Tensor) -> LayerOutput:
         out = await self._layer.forward(layer, hidden)

@@ -144,6 +144,8 @@ class RouterServer:
         the window early), then `stop(grace_s)`: new requests are refused (UNAVAILABLE) and
         those in flight get `grace_s` to finish. `say` hears each step."""
         await self.set_health(False)
+        for model in self.models.values():
+            model.draining = True  # ServerReady / ModelReady say no too
         say(f"draining: health NOT_SERVING; requests are still served for {drain_s:g}s while load balancers notice")
         if drain_s > 0 and cut_short is None:
             await asyncio.sleep(drain_s)

@@ -70,11 +70,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=bool(self._models) and all(m.ready for m in self._models.values()))
+        return pb.ServerReadyResponse(ready=bool(self._models) and all(m.reports_ready for m in self._models.values()))
 
     async def ModelReady(self, request, context):
         try:
-            return pb.ModelReadyResponse(ready=self._model(request.name, request.version).ready)
+            return pb.ModelReadyResponse(ready=self._model(request.name, request.version).reports_ready)
         except RequestError as err:
             await context.abort(err.code, err.message)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
@@ -19,6 +18,7 @@ from protos import grpc_predict_v2_pb2 as pb
 from protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from cluster.launcher import Deployment, deploy
 from router_service.client import MoEClient, build_request
+from tests.integration import faults
 from tests.integration.support import (
     FP32_REL_TOL,
     MARKS,
@@ -166,24 +166,6 @@ def test_a_second_deployment_under_a_taken_name_fails_and_leaves_the_first_servi
         main_server.assert_serves_correctly(layer, hidden_states(7, main_server.spec.hidden_size, seed=layer))
 
 
-SLOW = 4321.5  # a request whose first value is this holds its worker for SLOW_S
-SLOW_S = 4.0
-
-
-def _slow_worker_class() -> type:
-    """An expert worker that takes SLOW_S over a batch share holding the SLOW token (defined in
-    a function, so Ray ships the class by value and the workers need not import the tests)."""
-    from workers.worker import ExpertWorker
-
-    class SlowWorker(ExpertWorker):
-        def forward(self, x, expert_ids, offsets, token_idx, weights):
-            if np.any(x[token_idx, 0] == SLOW):
-                time.sleep(SLOW_S)
-            return super().forward(x, expert_ids, offsets, token_idx, weights)
-
-    return SlowWorker
-
-
 async def _tokens_in_workers(deployment: Deployment) -> int:
     return int(deployment.router.outstanding_tokens_now().sum())
 
@@ -204,12 +186,13 @@ def test_drain_serves_through_the_window_lets_in_flight_requests_finish_then_ref
 ) -> None:
     """What `moe-serve serve` does on SIGTERM (`RouterServer.drain`), step by step."""
     config = serve_config("it-drain", random={"layers": 1, "experts": 4, "hidden": 32, "ffn": 48}, workers=1)
-    deployment = run_on(server_loop, deploy(config, worker_cls=_slow_worker_class()))
+    faults.register()
+    deployment = run_on(server_loop, deploy(config, worker_cls=faults.FaultyWorker))
     random = config.model.random_or_default
     served = Served(config, deployment, MoEClient(deployment.address), ReferenceMoE(RandomModel(random.spec(), random.seed)))
     address, name, x = served.address, served.name, hidden_states(6, 32, seed=9)
     slow = x.copy()
-    slow[0, 0] = SLOW
+    slow[0, 0] = faults.SLOW
     said: list[str] = []
     window_over = asyncio.Event()
     try:
@@ -218,6 +201,9 @@ def test_drain_serves_through_the_window_lets_in_flight_requests_finish_then_ref
             deployment.server.drain(drain_s=120, grace_s=30, say=said.append, cut_short=window_over), server_loop)
         with grpc.insecure_channel(address) as channel:
             wait_until(lambda: health_status(channel) == "NOT_SERVING", 10, "health to say NOT_SERVING")
+            readiness = pb_grpc.GRPCInferenceServiceStub(channel)
+            assert not readiness.ServerReady(pb.ServerReadyRequest()).ready  # readiness probes say no too
+            assert not readiness.ModelReady(pb.ModelReadyRequest(name=name)).ready
         served.assert_serves_correctly(0, x)  # the window: load balancers look elsewhere, we still serve
         assert not draining.done()
 
