@@ -92,6 +92,19 @@ class Placement:
         return cls(0, num_logical_experts, tuple(tuple(r) for r in rows))
 
     @classmethod
+    def replicated(cls, num_logical_experts: int, num_workers: int, copies: int = 2, version: int = 0) -> Placement:
+        """`copies` replicas of every logical expert on distinct workers, expert e on workers
+        e, e + 1, ... (mod `num_workers`): losing any `copies - 1` workers leaves every expert
+        served."""
+        if not 1 <= copies <= num_workers:
+            raise ValueError(f"copies must be 1..num_workers ({num_workers}), got {copies}")
+        rows: list[list[int]] = [[] for _ in range(num_workers)]
+        for expert in range(num_logical_experts):
+            for c in range(copies):
+                rows[(expert + c) % num_workers].append(expert)
+        return cls.from_mapping(version, num_logical_experts, rows)
+
+    @classmethod
     def from_mapping(
         cls, version: int, num_logical_experts: int, mapping: dict[int, list[int]] | list[list[int]]
     ) -> Placement:

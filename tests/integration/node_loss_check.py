@@ -42,14 +42,6 @@ def _config():
     })
 
 
-def _replicated(num_logical: int) -> list[list[int]]:
-    rows: list[list[int]] = [[] for _ in range(WORKERS)]
-    for e in range(num_logical):
-        rows[e % WORKERS].append(e)
-        rows[(e + 1) % WORKERS].append(e)
-    return rows
-
-
 def main() -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -71,8 +63,8 @@ def main() -> int:
     deployment = run(deploy(config))
     try:
         current = deployment.placement
-        run(deployment.admin.apply(Placement.from_mapping(current.version + 1, current.num_logical_experts,
-                                                          _replicated(current.num_logical_experts))))
+        run(deployment.admin.apply(Placement.replicated(current.num_logical_experts, WORKERS, copies=2,
+                                                        version=current.version + 1)))
         reference = ReferenceMoE(RandomModel(config.model.random.spec(), config.model.random.seed))
         spec = deployment.weights.spec
         driver = LoadDriver(deployment.address, config.model.name, spec,

@@ -37,15 +37,6 @@ FAULT_RANDOM = {"layers": 2, "experts": 4, "hidden": 48, "ffn": 96, "top_k": 2, 
 RECOVERY_S = 5.0  # the issue's bound: a lost worker serves again within this long
 
 
-def _replicated(num_logical: int, workers: int) -> list[list[int]]:
-    """Every logical expert on two workers: e on e % W and (e + 1) % W."""
-    rows: list[list[int]] = [[] for _ in range(workers)]
-    for e in range(num_logical):
-        rows[e % workers].append(e)
-        rows[(e + 1) % workers].append(e)
-    return rows
-
-
 @pytest.fixture(scope="module")
 def replicated(deploy_served, server_loop) -> Iterator[Served]:
     """3 poisonable workers, every expert replicated twice, no automatic rebalancing."""
@@ -57,8 +48,7 @@ def replicated(deploy_served, server_loop) -> Iterator[Served]:
     served = start(config, worker_cls=faults.FaultyWorker)
     deployment = served.deployment
     current = deployment.placement
-    target = Placement.from_mapping(current.version + 1, current.num_logical_experts,
-                                    _replicated(current.num_logical_experts, 3))
+    target = Placement.replicated(current.num_logical_experts, 3, copies=2, version=current.version + 1)
     run_on(server_loop, deployment.admin.apply(target))
     yield served
     stop(served)

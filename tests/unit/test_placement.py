@@ -306,3 +306,19 @@ def test_resized_refuses_to_drop_a_worker_that_holds_replicas():
     base = Placement.from_mapping(0, 4, [[0, 1], [2, 3], [1, EMPTY]])
     with pytest.raises(ValueError, match=r"workers \[2\] still hold replicas in placement v0"):
         base.resized(2, new_slots=2, version=1)
+
+
+@pytest.mark.parametrize(("experts", "workers", "copies"), [
+    pytest.param(8, 3, 2, id="two-copies"), pytest.param(5, 5, 5, id="everywhere"), pytest.param(7, 2, 1, id="one-copy"),
+])
+def test_replicated_puts_every_expert_on_distinct_workers(experts, workers, copies):
+    p = Placement.replicated(experts, workers, copies, version=4)
+
+    assert p.version == 4 and p.num_workers == workers
+    assert (p.replica_counts == copies).all()
+    assert all(len({w for w, _ in reps}) == copies for reps in p.replicas)
+
+
+def test_replicated_refuses_more_copies_than_workers():
+    with pytest.raises(ValueError, match="copies must be 1..num_workers"):
+        Placement.replicated(4, 2, copies=3)
