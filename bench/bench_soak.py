@@ -65,15 +65,6 @@ def soak_config(window_s: float) -> ServeConfig:
     }, source="soak config")
 
 
-def replicated(num_logical: int, workers: int) -> list[list[int]]:
-    """Every logical expert on two workers: e on e % W and (e + 1) % W."""
-    rows: list[list[int]] = [[] for _ in range(workers)]
-    for e in range(num_logical):
-        rows[e % workers].append(e)
-        rows[(e + 1) % workers].append(e)
-    return rows
-
-
 class Shapes:
     """The load driver's `sample` and `expected`: random shapes, skewed or plain hidden states,
     and per-request bookkeeping (sample is called right before a request, expected right after
@@ -246,8 +237,8 @@ class Soak:
         self._thread.start()
         self.deployment = self.run(deploy(config))
         current = self.deployment.placement
-        self.run(self.deployment.admin.apply(Placement.from_mapping(
-            current.version + 1, current.num_logical_experts, replicated(current.num_logical_experts, WORKERS))))
+        self.run(self.deployment.admin.apply(Placement.replicated(
+            current.num_logical_experts, WORKERS, copies=2, version=current.version + 1)))
 
     def run(self, coro, timeout_s: float = 120.0):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)

@@ -19,6 +19,7 @@ import numpy as np
 
 from cluster.config import RebalanceConfig
 from cluster.load_stats import LoadSnapshot
+from cluster.loops import Periodic
 from cluster.placement import Placement
 from cluster.placement_hub import PlacementHub
 from cluster.planner import count_moves, layer_balancedness, plan_placement
@@ -93,7 +94,7 @@ class Controller:
         self.state = RebalanceState()
         self.events: deque[RebalanceEvent] = deque(maxlen=200)
         self.listeners: list[Callable[[RebalanceEvent], None]] = []  # told of every event (metrics)
-        self._task: asyncio.Task | None = None
+        self._loop = Periodic("rebalance-controller", config.check_interval_s, self.check)
         self._lock = asyncio.Lock()
 
     def exclusive(self) -> asyncio.Lock:
@@ -146,8 +147,12 @@ class Controller:
         if snapshot.total_tokens < self.config.min_window_tokens and not force:
             reason = f"too few routed tokens in the window ({snapshot.total_tokens} < min_window_tokens {self.config.min_window_tokens})"
             return RebalanceEvent(now, reason, before, before, 0, None) if explain else None
-        if self._hub.down and not force:
+        if self._hub.down:  # no migration onto, or from, a worker that is not there
             reason = f"workers {sorted(self._hub.down)} are down; the supervisor is restoring them"
+            if force:
+                event = RebalanceEvent(now, f"skipped: {reason}", before, before, 0, None, "skipped")
+                self._record(event)
+                return event
             return RebalanceEvent(now, reason, before, before, 0, None) if explain else None
         trigger, reason, self.state = decide(before, self.state, now, self.config)
         if force and not trigger:
@@ -178,6 +183,9 @@ class Controller:
             return await self._apply(target, reason)
 
     async def _apply(self, target: Placement, reason: str) -> RebalanceEvent:
+        if self._hub.down:
+            raise ValueError(f"workers {sorted(self._hub.down)} are down; apply the placement once the "
+                             f"supervisor has reloaded them (moe-serve status shows them)")
         before = float(self.balancedness().min())
         moves = count_moves(self._hub.current, target)
         if target.replica_set == self._hub.current.replica_set:
@@ -195,19 +203,8 @@ class Controller:
         notify(self.listeners, event)
 
     def start(self) -> None:
-        if self.config.enabled and self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="rebalance-controller")
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.check_interval_s)
-            try:
-                await self.check()
-            except Exception:  # the loop must outlive one failed attempt; the next check retries
-                log.exception("rebalance check failed")
+        if self.config.enabled:
+            self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await self._loop.stop()

@@ -4,7 +4,6 @@ per-expert load for the status picture (`moe-serve status --png`)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import deque
@@ -13,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cluster.loops import Periodic
 from cluster.metrics import ControlMetrics
 from cluster.placement_hub import PlacementHub
 from cluster.planner import layer_balancedness
@@ -47,7 +47,7 @@ class Observer:
         self.history: deque[LoadPoint] = deque(maxlen=points)
         self.workers: list[dict] = []  # the latest per-worker rates
         self._last: dict[int, tuple[float, dict]] = {}
-        self._task: asyncio.Task | None = None
+        self._loop = Periodic("observer", interval_s, self.look, first_now=True)
 
     def __repr__(self) -> str:
         return f"Observer(every {self.interval_s:g}s, history={len(self.history)}/{self.history.maxlen})"
@@ -93,19 +93,7 @@ class Observer:
         }
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="observer")
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.look()
-            except Exception:  # a failed look (a worker restarting) must not stop the next ones
-                log.exception("observer look failed")
-            await asyncio.sleep(self.interval_s)
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await self._loop.stop()

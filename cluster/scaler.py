@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from cluster.autoscaler import AutoscaleState, ScaleDecision, ScaleSnapshot, decide
 from cluster.config import AutoscalingConfig
 from cluster.controller import Controller, notify
+from cluster.loops import Periodic
 from cluster.placement_hub import PlacementHub
 from cluster.rebalancer import MigrationReport, Rebalancer
 
@@ -150,7 +151,7 @@ class Autoscaler:
         self.last: tuple[ScaleSnapshot, ScaleDecision] | None = None
         self.decisions: deque[tuple[float, ScaleDecision]] = deque(maxlen=50)  # (at_s, decision) when it changed
         self.manual: int | None = None
-        self._task: asyncio.Task | None = None
+        self._loop = Periodic("autoscaler", config.check_interval_s, self._check_when_automatic)
         self._scaling: asyncio.Task | None = None
 
     def __repr__(self) -> str:
@@ -207,25 +208,18 @@ class Autoscaler:
         )
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="autoscaler")
+        self._loop.start()
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.check_interval_s)
-            if not self.config.enabled or self.manual is not None:
-                continue
-            try:
-                await self.check()
-            except Exception:  # the loop must outlive one failed look; the next one retries
-                log.exception("autoscaler check failed")
+    async def _check_when_automatic(self) -> None:
+        if self.config.enabled and self.manual is None:
+            await self.check()
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._task, self._scaling) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._task = self._scaling = None
+        await self._loop.stop()
+        if self._scaling is not None:
+            self._scaling.cancel()
+            await asyncio.gather(self._scaling, return_exceptions=True)
+            self._scaling = None
 
 
 class LoadView(Protocol):

@@ -28,6 +28,7 @@ from typing import Protocol
 import numpy as np
 
 from cluster.controller import notify
+from cluster.loops import Periodic
 from cluster.placement_hub import PlacementHub
 from cluster.rebalancer import Rebalancer
 from cluster.repair import plan_repair, uncovered_experts
@@ -78,7 +79,7 @@ class WorkerSupervisor:
         self._down_since: dict[int, float] = {}
         self.events: deque[WorkerEvent] = deque(maxlen=200)
         self.listeners: list[Callable[[WorkerEvent], None]] = []  # told of every event (metrics)
-        self._task: asyncio.Task | None = None
+        self._loop = Periodic("worker-supervisor", interval_s, self.check)
 
     def __repr__(self) -> str:
         return f"WorkerSupervisor(down={sorted(self._hub.down)}, events={len(self.events)})"
@@ -159,19 +160,7 @@ class WorkerSupervisor:
         notify(self.listeners, event)
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="worker-supervisor")
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                await self.check()
-            except Exception:  # a failed repair is retried at the next look
-                log.exception("worker supervision failed")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await self._loop.stop()
