@@ -11,7 +11,7 @@ import numpy as np
 import ray
 import torch
 
-from router_service.gate import mixtral_route
+from router_service.gate import softmax_topk_route
 from workers.expert_math import fuse_w13, swiglu
 from workers.weights import WeightSource
 
@@ -44,7 +44,7 @@ class NaiveMoE:
 
     def forward(self, layer: int, x: np.ndarray) -> np.ndarray:
         hidden = torch.from_numpy(x)
-        routing = mixtral_route(hidden, self._gates[layer], self.spec.top_k)
+        routing = softmax_topk_route(hidden, self._gates[layer], self.spec.top_k, self.spec.norm_topk_prob)
         per_worker: list[dict[int, np.ndarray]] = [{} for _ in self._workers]
         positions = {}
         for e in torch.unique(routing.topk_ids).tolist():

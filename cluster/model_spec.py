@@ -25,7 +25,12 @@ class ModelSpec:
     """Shapes of the MoE layers of one model.
 
     moe_layers: indices (in the model's own numbering) of the decoder layers that have an MoE
-        block; a request names one of these as its `layer` parameter.
+        block; a request names one of these as its `layer` parameter; the others are dense.
+    intermediate_size: each routed expert's (Mixtral `intermediate_size`, Qwen
+        `moe_intermediate_size`).
+    norm_topk_prob: the gate renormalises the top-k weights to sum to 1 (Mixtral always;
+        Qwen-MoE as its config says).
+    family: the checkpoint layout the model comes in ("mixtral", "qwen3_moe").
     """
 
     hidden_size: int
@@ -34,6 +39,8 @@ class ModelSpec:
     top_k: int
     moe_layers: tuple[int, ...]
     num_hidden_layers: int
+    norm_topk_prob: bool = True
+    family: str = "mixtral"
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "intermediate_size", "num_experts", "top_k", "num_hidden_layers"):
@@ -78,6 +85,15 @@ class ModelSpec:
         """The MoE layers as short ranges, e.g. `"1-3, 7"`."""
         return _ranges(self.moe_layers)
 
+    @property
+    def dense_layers(self) -> tuple[int, ...]:
+        """Decoder layers without an MoE block (a plain MLP in the checkpoint)."""
+        return tuple(layer for layer in range(self.num_hidden_layers) if layer not in self.moe_layers)
+
+    def describe_dense_layers(self) -> str:
+        """The dense layers as short ranges, or "none"."""
+        return _ranges(self.dense_layers)
+
     def expert_bytes(self, bytes_per_param: int = 4) -> int:
         """Memory of one expert's three matrices (w1, w3: [F, H]; w2: [H, F])."""
         return 3 * self.hidden_size * self.intermediate_size * bytes_per_param
@@ -85,6 +101,8 @@ class ModelSpec:
 
 def _ranges(values: tuple[int, ...]) -> str:
     """`(0, 1, 2, 5)` -> `"0-2, 5"`: short and readable in error messages."""
+    if not values:
+        return "none"
     parts: list[str] = []
     start = prev = values[0]
     for v in values[1:] + (None,):  # type: ignore[operator]

@@ -19,13 +19,16 @@ class Routing:
     topk_weights: torch.Tensor
 
 
-def mixtral_route(hidden: torch.Tensor, gate_weight: torch.Tensor, top_k: int) -> Routing:
-    """Mixtral's router: softmax over all experts in float32, top-k, renormalise over the k.
+def softmax_topk_route(hidden: torch.Tensor, gate_weight: torch.Tensor, top_k: int,
+                       renormalize: bool = True) -> Routing:
+    """The router of Mixtral and Qwen-MoE: softmax over all experts in float32, top-k, and
+    (Mixtral; Qwen with `norm_topk_prob`) renormalised over the k.
 
     hidden: `[tokens, H]` float32; gate_weight: `[E, H]`.
     """
     logits = hidden @ gate_weight.t()  # [tokens, E]
     probs = torch.softmax(logits.float(), dim=-1)
     top_values, top_ids = torch.topk(probs, top_k, dim=-1)
-    top_values /= top_values.sum(dim=-1, keepdim=True)
+    if renormalize:
+        top_values /= top_values.sum(dim=-1, keepdim=True)
     return Routing(top_ids, top_values)

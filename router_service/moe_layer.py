@@ -23,7 +23,7 @@ from router_service.dispatch import (
     DispatchPlan, ReplicaTable, WorkerRequest, add_partials, plan_dispatch, plan_retry,
 )
 from router_service.errors import ExpertUnavailable, ServingError, WorkerLost
-from router_service.gate import Routing, mixtral_route
+from router_service.gate import Routing, softmax_topk_route
 
 
 class ExpertBackend(Protocol):
@@ -131,7 +131,7 @@ class DistributedMoELayer:
         await self._wait_for_room()
         with self._placements.use() as placement:
             t0 = time.thread_time()
-            routing = mixtral_route(hidden, self._gates[layer], self.spec.top_k)  # score
+            routing = softmax_topk_route(hidden, self._gates[layer], self.spec.top_k, self.spec.norm_topk_prob)  # score
             plan = plan_dispatch(routing, moe_index, self.spec.num_experts,
                                  self._replica_table(placement), self.outstanding)  # plan
             shared_x = self._backend.share(hidden.numpy())  # scatter

@@ -88,7 +88,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(err.code, err.message)
         spec = model.spec
         meta = pb.ModelMetadataResponse.TensorMetadata
-        return pb.ModelMetadataResponse(
+        response = pb.ModelMetadataResponse(
             name=model.name,
             versions=[MODEL_VERSION],
             platform=PLATFORM,
@@ -99,6 +99,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 meta(name="topk_weights", datatype="FP32", shape=[-1, spec.top_k]),
             ],
         )
+        params = response.parameters
+        params["moe_layers"].string_param = spec.describe_layers()
+        params["dense_layers"].string_param = spec.describe_dense_layers()
+        params["family"].string_param = spec.family
+        params["num_experts"].int64_param = spec.num_experts
+        params["top_k"].int64_param = spec.top_k
+        return response
 
     async def ModelInfer(self, request, context):
         if self._metrics is None:

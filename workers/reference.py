@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from router_service.gate import Routing, mixtral_route
+from router_service.gate import Routing, softmax_topk_route
 from workers.expert_math import fuse_w13, swiglu
 from workers.weights import WeightSource
 
@@ -27,7 +27,7 @@ class ReferenceMoE:
 
     def forward(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         """hidden: `[T, H]` float32 -> (`[T, H]` float32, routing)."""
-        routing = mixtral_route(hidden, self._gates[layer], self.spec.top_k)
+        routing = softmax_topk_route(hidden, self._gates[layer], self.spec.top_k, self.spec.norm_topk_prob)
         out = torch.zeros_like(hidden)
         flat = routing.topk_ids.reshape(-1)
         token_of = torch.arange(hidden.shape[0]).repeat_interleave(self.spec.top_k)

@@ -1,14 +1,16 @@
-"""Where expert and gate weights come from: a Mixtral checkpoint on disk, or a seeded random model.
+"""Where expert and gate weights come from: a Hugging Face checkpoint on disk (Mixtral or
+Qwen3-MoE layout, see `workers.hf_layouts`), or a seeded random model.
 
 Both sources implement `WeightSource`. They are small, picklable values (paths and a key -> file
 map, or a spec and a seed) so the driver can build one and send it to every expert-shard worker;
 each worker then reads or generates only the experts in its own slots. All tensors come out as
 float32 on the CPU; callers move them to their device.
 
-A Mixtral expert is a SwiGLU MLP, `w2(silu(w1 x) * w3 x)`, stored in Hugging Face checkpoints as
+An expert is a SwiGLU MLP, `w2(silu(w1 x) * w3 x)`; a Mixtral checkpoint stores it as
 `model.layers.{l}.block_sparse_moe.experts.{e}.w{1,2,3}.weight`, next to the router's
-`model.layers.{l}.block_sparse_moe.gate.weight`. Only these tensors are read; the rest of the
-checkpoint (attention, norms, embeddings) is ignored.
+`model.layers.{l}.block_sparse_moe.gate.weight` (Qwen3-MoE: `mlp.experts.{e}.gate_proj/up_proj/
+down_proj`, `mlp.gate`). Only these tensors are read; the rest of the checkpoint (attention,
+norms, embeddings, dense MLPs) is ignored.
 """
 
 from __future__ import annotations
@@ -28,19 +30,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from cluster.model_spec import ModelSpec
+from workers.hf_layouts import BY_FAMILY, MIXTRAL, Layout, layout_for
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 PROJECTIONS = ("w1", "w2", "w3")
-# config.json key -> ModelSpec field.
-_CONFIG_KEYS = {
-    "hidden_size": "hidden_size",
-    "intermediate_size": "intermediate_size",
-    "num_hidden_layers": "num_hidden_layers",
-    "num_local_experts": "num_experts",
-    "num_experts_per_tok": "top_k",
-}
 _RANDOM_VOCAB_SIZE = 32
 
 Progress = Callable[[int], None]
@@ -51,13 +46,13 @@ class CheckpointError(ValueError):
 
 
 def gate_key(layer: int) -> str:
-    """Checkpoint key of the router weight of model layer `layer`: a tensor [E, H]."""
-    return f"model.layers.{layer}.block_sparse_moe.gate.weight"
+    """Mixtral checkpoint key of the router weight of model layer `layer`: a tensor [E, H]."""
+    return MIXTRAL.gate_key(layer)
 
 
 def expert_key(layer: int, expert: int, projection: str) -> str:
-    """Checkpoint key of one expert matrix; `projection` is "w1", "w2" or "w3"."""
-    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{projection}.weight"
+    """Mixtral checkpoint key of one expert matrix; `projection` is "w1", "w2" or "w3"."""
+    return MIXTRAL.expert_key(layer, expert, projection)
 
 
 @dataclass(frozen=True)
@@ -137,24 +132,26 @@ def _produce(
         yield (layer, expert), weights
 
 
-def _expected_shape(spec: ModelSpec, key: str) -> tuple[int, int]:
-    """Shape that `key` (a gate or expert key) must have under `spec`."""
+def _expected_shape(spec: ModelSpec, projection: str) -> tuple[int, int]:
+    """Shape of a router weight ("gate") or an expert matrix ("w1", "w2", "w3") under `spec`."""
     hidden, inter = spec.hidden_size, spec.intermediate_size
-    if key.endswith(".gate.weight"):
+    if projection == "gate":
         return (spec.num_experts, hidden)
-    return (hidden, inter) if key.endswith(".w2.weight") else (inter, hidden)
+    return (hidden, inter) if projection == "w2" else (inter, hidden)
 
 
-def _required_keys(spec: ModelSpec) -> list[str]:
-    keys = []
+def _required_keys(spec: ModelSpec, layout: Layout) -> dict[str, str]:
+    """Every MoE tensor the checkpoint must hold: key -> "gate" or our projection name."""
+    keys = {}
     for layer in spec.moe_layers:
-        keys.append(gate_key(layer))
-        keys += [expert_key(layer, e, p) for e in range(spec.num_experts) for p in PROJECTIONS]
+        keys[layout.gate_key(layer)] = "gate"
+        keys.update({layout.expert_key(layer, e, p): p for e in range(spec.num_experts) for p in PROJECTIONS})
     return keys
 
 
-class MixtralCheckpoint:
-    """A Hugging Face Mixtral checkpoint directory, read lazily with safetensors.
+class HFCheckpoint:
+    """A Hugging Face checkpoint directory (Mixtral or Qwen3-MoE layout), read lazily with
+    safetensors.
 
     Construction reads config.json and the tensor index (never tensor data) and checks that
     every gate and expert tensor is present. Holds only the directory and a key -> file map,
@@ -165,19 +162,23 @@ class MixtralCheckpoint:
         root = Path(path)
         if not root.is_dir():
             raise CheckpointError(
-                f"{root}: not a directory; expected a Mixtral checkpoint directory"
+                f"{root}: not a directory; expected a Hugging Face checkpoint directory"
             )
         self.root = root
         self.spec = _read_config(root / CONFIG_FILE)
-        self._files = _key_files(root, _required_keys(self.spec))
+        self._files = _key_files(root, list(_required_keys(self.spec, self.layout)))
 
     def __repr__(self) -> str:
-        return f"MixtralCheckpoint({str(self.root)!r}, spec={self.spec})"
+        return f"HFCheckpoint({str(self.root)!r}, spec={self.spec})"
+
+    @property
+    def layout(self) -> Layout:
+        return BY_FAMILY[self.spec.family]
 
     def gate_weight(self, layer: int) -> torch.Tensor:
         """Router weight of `layer`: [E, H], float32."""
         self.spec.moe_index(layer)
-        return self._read({}, gate_key(layer))
+        return self._read({}, self.layout.gate_key(layer), "gate")
 
     def experts(
         self, pairs: Sequence[tuple[int, int]], progress: Progress | None = None
@@ -187,18 +188,19 @@ class MixtralCheckpoint:
         handles: dict[str, Any] = {}  # file name -> open safetensors handle, for this call only
 
         def read(layer: int, expert: int) -> ExpertWeights:
-            keys = {p: expert_key(layer, expert, p) for p in PROJECTIONS}
-            return ExpertWeights(**{p: self._read(handles, key) for p, key in keys.items()})
+            keys = {p: self.layout.expert_key(layer, expert, p) for p in PROJECTIONS}
+            return ExpertWeights(**{p: self._read(handles, key, p) for p, key in keys.items()})
 
         return _produce(checked, read, progress)
 
-    def _read(self, handles: dict[str, Any], key: str) -> torch.Tensor:
-        """Read one tensor as float32, checking its shape; `handles` caches open files."""
+    def _read(self, handles: dict[str, Any], key: str, kind: str) -> torch.Tensor:
+        """Read one tensor (`kind`: "gate", "w1", "w2" or "w3") as float32, checking its
+        shape; `handles` caches open files."""
         name = self._files[key]
         path = self.root / name
         if name not in handles:
             handles[name] = _open(path, f"tensor {key!r}")
-        expected = _expected_shape(self.spec, key)
+        expected = _expected_shape(self.spec, kind)
         try:
             tensor_slice = handles[name].get_slice(key)
             got = tuple(tensor_slice.get_shape())
@@ -242,15 +244,26 @@ def _load_json(path: Path) -> dict[str, Any]:
 
 
 def _read_config(path: Path) -> ModelSpec:
-    """config.json -> ModelSpec with every layer an MoE layer (as in Mixtral)."""
+    """config.json -> ModelSpec; the MoE layers (and the layout family) as the config says."""
     if not path.is_file():
         raise CheckpointError(
-            f"{path}: missing; a Hugging Face Mixtral checkpoint directory needs {CONFIG_FILE}"
+            f"{path}: missing; a Hugging Face checkpoint directory needs {CONFIG_FILE}"
         )
     config = _load_json(path)
-    _check_architectures(path, config.get("architectures"))
+    architectures = config.get("architectures")
+    if architectures is not None and (
+            not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures)):
+        raise CheckpointError(f"{path}: key 'architectures' must be a list of names, got {architectures!r}")
+    try:
+        layout = layout_for(config)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    experts_key = next((k for k in layout.num_experts_keys if config.get(k) is not None), layout.num_experts_keys[0])
+    keys = {"hidden_size": "hidden_size", layout.intermediate_key: "intermediate_size",
+            "num_hidden_layers": "num_hidden_layers", experts_key: "num_experts",
+            "num_experts_per_tok": "top_k"}
     values: dict[str, int] = {}
-    for key, field in _CONFIG_KEYS.items():
+    for key, field in keys.items():
         if key not in config:
             raise CheckpointError(f"{path}: required key {key!r} is missing")
         value = config[key]
@@ -260,24 +273,13 @@ def _read_config(path: Path) -> ModelSpec:
     if values["top_k"] > values["num_experts"]:
         raise CheckpointError(
             f"{path}: key 'num_experts_per_tok' ({values['top_k']}) cannot exceed "
-            f"'num_local_experts' ({values['num_experts']})"
+            f"{experts_key!r} ({values['num_experts']})"
         )
-    return ModelSpec(moe_layers=tuple(range(values["num_hidden_layers"])), **values)
-
-
-def _check_architectures(path: Path, architectures: Any) -> None:
-    if architectures is None or architectures == []:
-        return
-    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
-        raise CheckpointError(
-            f"{path}: key 'architectures' must be a list of names, got {architectures!r}"
-        )
-    others = [a for a in architectures if "mixtral" not in a.lower()]
-    if others:
-        raise CheckpointError(
-            f"{path}: key 'architectures' names {others!r}; only Mixtral checkpoints "
-            f"(MixtralForCausalLM) are supported"
-        )
+    moe_layers = tuple(layer for layer in range(values["num_hidden_layers"]) if layout.moe_layer(layer, config))
+    if not moe_layers:
+        raise CheckpointError(f"{path}: no layer has an MoE block (a dense model); nothing to serve")
+    return ModelSpec(moe_layers=moe_layers, norm_topk_prob=layout.norm_topk_prob(config), family=layout.family,
+                     **values)
 
 
 def _key_files(root: Path, required: list[str]) -> dict[str, str]:
@@ -472,7 +474,7 @@ def _mixtral_config(spec: ModelSpec, dtype: torch.dtype) -> dict[str, Any]:
 def open_weights(
     checkpoint: str | os.PathLike[str] | None, random_spec: ModelSpec | None, seed: int
 ) -> WeightSource:
-    """A Mixtral checkpoint directory, or a seeded random model; exactly one must be given."""
+    """A Hugging Face checkpoint directory, or a seeded random model; exactly one must be given."""
     if (checkpoint is None) == (random_spec is None):
         given = "both" if checkpoint is not None else "neither"
         raise ValueError(
@@ -480,5 +482,5 @@ def open_weights(
             f"(a ModelSpec for random weights); got {given}"
         )
     if checkpoint is not None:
-        return MixtralCheckpoint(checkpoint)
+        return HFCheckpoint(checkpoint)
     return RandomModel(random_spec, seed)  # type: ignore[arg-type]

@@ -19,7 +19,7 @@ from cluster.launcher import connect_ray, deploy
 from router_service.client import MoEClient
 from tests.integration.support import NAMESPACE, Served, run_on, serve_config
 from workers.reference import ReferenceMoE
-from workers.weights import MixtralCheckpoint, RandomModel, WeightSource
+from workers.weights import HFCheckpoint, RandomModel, WeightSource
 from workers.worker import ExpertWorker
 
 # The model most tests share: 2 MoE layers x 8 experts over 2 workers.
@@ -53,7 +53,7 @@ def server_loop() -> Iterator[asyncio.AbstractEventLoop]:
 def reference_weights(config: ServeConfig) -> WeightSource:
     """The config's weights built here, independently of the launcher."""
     if config.model.checkpoint is not None:
-        return MixtralCheckpoint(config.model.checkpoint)
+        return HFCheckpoint(config.model.checkpoint)
     random = config.model.random_or_default
     return RandomModel(random.spec(), random.seed)
 

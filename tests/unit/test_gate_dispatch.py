@@ -15,7 +15,7 @@ import torch
 
 from cluster.placement import EMPTY, Placement
 from router_service.dispatch import DispatchPlan, ReplicaTable, combine, plan_dispatch, plan_retry, water_fill
-from router_service.gate import Routing, mixtral_route
+from router_service.gate import Routing, softmax_topk_route
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
@@ -134,7 +134,7 @@ def test_gate_hand_computed_case() -> None:
         [-math.log(2), math.log(4)],  # logits [-ln 2, ln 4, ln 2]: probs ~ 1/2 : 4 : 2
     ])  # fmt: skip
 
-    routing = mixtral_route(hidden, gate, top_k=2)
+    routing = softmax_topk_route(hidden, gate, top_k=2)
 
     assert routing.topk_ids.tolist() == [[0, 1], [1, 2]]
     # renormalised over the two picked: 3/(3+2), 2/(3+2); 4/(4+2), 2/(4+2)
@@ -160,7 +160,27 @@ def test_gate_equals_transformers_mixtral_router(tokens: int, hidden: int, exper
         router.weight.copy_(gate_weight)
         _, hf_scores, hf_ids = router(x)
 
-    routing = mixtral_route(x, gate_weight, top_k)
+    routing = softmax_topk_route(x, gate_weight, top_k)
+
+    torch.testing.assert_close(routing.topk_ids, hf_ids.to(torch.int64), rtol=0, atol=0)
+    torch.testing.assert_close(routing.topk_weights, hf_scores)
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False], ids=["renormalised", "raw-softmax"])
+def test_gate_equals_transformers_qwen3_moe_router(norm_topk_prob: bool) -> None:
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
+
+    config = Qwen3MoeConfig(hidden_size=24, num_experts=12, num_experts_per_tok=3, norm_topk_prob=norm_topk_prob)
+    router = Qwen3MoeTopKRouter(config)
+    gen = torch.Generator().manual_seed(11)
+    gate_weight = torch.randn(12, 24, generator=gen)
+    x = torch.randn(40, 24, generator=gen)
+    with torch.no_grad():
+        router.weight.copy_(gate_weight)
+        _, hf_scores, hf_ids = router(x)
+
+    routing = softmax_topk_route(x, gate_weight, 3, renormalize=norm_topk_prob)
 
     torch.testing.assert_close(routing.topk_ids, hf_ids.to(torch.int64), rtol=0, atol=0)
     torch.testing.assert_close(routing.topk_weights, hf_scores)
@@ -170,7 +190,7 @@ def test_gate_weights_sum_to_one_and_pick_the_largest_logits() -> None:
     gen = torch.Generator().manual_seed(3)
     x, gate = torch.randn(100, 16, generator=gen), torch.randn(8, 16, generator=gen)
 
-    routing = mixtral_route(x, gate, top_k=3)
+    routing = softmax_topk_route(x, gate, top_k=3)
 
     assert routing.topk_ids.shape == routing.topk_weights.shape == (100, 3)
     torch.testing.assert_close(routing.topk_weights.sum(dim=1), torch.ones(100))

@@ -18,7 +18,7 @@ from workers.weights import (
     INDEX_FILE,
     CheckpointError,
     ExpertWeights,
-    MixtralCheckpoint,
+    HFCheckpoint,
     RandomModel,
     WeightSource,
     expert_key,
@@ -76,7 +76,7 @@ def test_reads_checkpoint_saved_by_transformers(hf_model, tmp_path, save_kwargs)
         assert (tmp_path / INDEX_FILE).is_file()
         assert len(list(tmp_path.glob("*.safetensors"))) > 1
 
-    ckpt = MixtralCheckpoint(tmp_path)
+    ckpt = HFCheckpoint(tmp_path)
 
     assert ckpt.spec == ModelSpec(
         hidden_size=16, intermediate_size=24, num_experts=4, top_k=2, moe_layers=(0, 1),
@@ -96,7 +96,7 @@ def test_bf16_checkpoint_is_converted_to_float32(hf_model, tmp_path):
     model = copy.deepcopy(hf_model).to(torch.bfloat16)
     model.save_pretrained(tmp_path)
 
-    ckpt = MixtralCheckpoint(tmp_path)
+    ckpt = HFCheckpoint(tmp_path)
 
     gate = ckpt.gate_weight(1)
     assert gate.dtype == torch.float32
@@ -120,7 +120,7 @@ def test_random_model_roundtrips_through_mixtral_checkpoint(tmp_path, shards):
     model = RandomModel(SPEC, seed=7)
 
     root = model.save_mixtral_checkpoint(tmp_path / "ckpt", shards=shards)
-    ckpt = MixtralCheckpoint(root)
+    ckpt = HFCheckpoint(root)
 
     assert ckpt.spec == SPEC
     assert len(list(root.glob("*.safetensors"))) == shards
@@ -146,14 +146,14 @@ def test_saved_checkpoint_holds_non_moe_tensors_that_are_ignored(tmp_path):
 
     keys = set(safe_open(str(root / "model.safetensors"), framework="pt").keys())
     assert {"model.embed_tokens.weight", "model.layers.0.input_layernorm.weight"} <= keys
-    ckpt = MixtralCheckpoint(root)
+    ckpt = HFCheckpoint(root)
     assert all(".block_sparse_moe." in key for key in ckpt._files)
 
 
 def test_bf16_save_reads_back_rounded_float32(tmp_path):
     model = RandomModel(SPEC, seed=3)
 
-    ckpt = MixtralCheckpoint(model.save_mixtral_checkpoint(tmp_path / "ckpt", dtype=torch.bfloat16))
+    ckpt = HFCheckpoint(model.save_mixtral_checkpoint(tmp_path / "ckpt", dtype=torch.bfloat16))
 
     (_, got), = ckpt.experts([(0, 2)])
     expected = model.expert(0, 2)
@@ -224,7 +224,7 @@ def sharded(tmp_path) -> Path:
 
 @pytest.fixture(params=["random", "checkpoint"])
 def source(request, sharded) -> WeightSource:
-    return RandomModel(SPEC, seed=1) if request.param == "random" else MixtralCheckpoint(sharded)
+    return RandomModel(SPEC, seed=1) if request.param == "random" else HFCheckpoint(sharded)
 
 
 def test_sources_implement_the_protocol_and_pickle_small(source):
@@ -268,7 +268,7 @@ def test_gate_weight_rejects_non_moe_layer(source):
 
 
 def test_open_weights_picks_exactly_one(sharded):
-    assert isinstance(open_weights(str(sharded), None, seed=0), MixtralCheckpoint)
+    assert isinstance(open_weights(str(sharded), None, seed=0), HFCheckpoint)
     random = open_weights(None, SPEC, seed=4)
     assert isinstance(random, RandomModel) and random.seed == 4
     with pytest.raises(ValueError, match="exactly one.*got both"):
@@ -283,7 +283,7 @@ def test_open_weights_picks_exactly_one(sharded):
 
 
 def test_reading_a_subset_opens_each_needed_file_once(sharded, monkeypatch):
-    ckpt = MixtralCheckpoint(sharded)
+    ckpt = HFCheckpoint(sharded)
     weight_map = json.loads((sharded / INDEX_FILE).read_text())["weight_map"]
     pairs = [(1, 2), (1, 3), (1, 2)]
     needed = {weight_map[expert_key(l, e, p)] for l, e in pairs for p in ("w1", "w2", "w3")}
@@ -301,7 +301,7 @@ def test_reading_a_subset_opens_each_needed_file_once(sharded, monkeypatch):
 
 
 def test_reading_a_subset_survives_deleting_unrelated_shards(sharded):
-    ckpt = MixtralCheckpoint(sharded)
+    ckpt = HFCheckpoint(sharded)
     weight_map = json.loads((sharded / INDEX_FILE).read_text())["weight_map"]
     needed = {weight_map[expert_key(1, 3, p)] for p in ("w1", "w2", "w3")}
     unrelated = set(weight_map.values()) - needed
@@ -431,9 +431,9 @@ def test_broken_checkpoint_names_file_and_key(sharded, corrupt, when, file_name,
 
     if when == "open":
         with pytest.raises(CheckpointError) as info:
-            MixtralCheckpoint(sharded)
+            HFCheckpoint(sharded)
     else:
-        ckpt = MixtralCheckpoint(sharded)  # the index is fine; the tensor data is not
+        ckpt = HFCheckpoint(sharded)  # the index is fine; the tensor data is not
         with pytest.raises(CheckpointError) as info:
             ckpt.gate_weight(1)
             list(ckpt.experts(all_pairs(SPEC)))
@@ -450,7 +450,7 @@ def test_path_that_is_not_a_directory(tmp_path):
     path.write_bytes(b"")
 
     with pytest.raises(CheckpointError, match="not a directory") as info:
-        MixtralCheckpoint(path)
+        HFCheckpoint(path)
     assert str(path) in str(info.value)
 
 
@@ -459,13 +459,13 @@ def test_directory_without_weights(tmp_path):
     (tmp_path / "ckpt" / "model.safetensors").unlink()
 
     with pytest.raises(CheckpointError, match="no model.safetensors"):
-        MixtralCheckpoint(tmp_path / "ckpt")
+        HFCheckpoint(tmp_path / "ckpt")
 
 
 def test_several_files_without_index_are_read_by_their_key_lists(sharded):
     (sharded / INDEX_FILE).unlink()
 
-    ckpt = MixtralCheckpoint(sharded)
+    ckpt = HFCheckpoint(sharded)
 
     (_, got), = ckpt.experts([(0, 1)])
     assert_experts_equal(got, RandomModel(SPEC, seed=1).expert(0, 1))
