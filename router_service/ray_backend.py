@@ -3,13 +3,14 @@ worker's actor call reads it from there (zero-copy on the same node).
 
 A call that fails because its worker died, is restarting, or came back without its replicas
 becomes `WorkerLost`, and the worker counts as down here until the control plane hands its
-handle back (`set_handles`). A call whose caller gives up (cancelled) is cancelled in Ray too,
-so a worker never starts work nobody waits for.
+handle back (`set_handles`). A call whose caller gives up (cancelled) is skipped at the worker
+if it has not started, so a worker does not compute work nobody waits for.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ from router_service.errors import WorkerLost
 class RayExpertBackend:
     def __init__(self, handles: Sequence[ray.actor.ActorHandle | None]):
         self._handles = list(handles)
+        self._call_ids = itertools.count()
 
     def __repr__(self) -> str:
         return f"RayExpertBackend(workers={len(self._handles)}, down={sorted(self.down)})"
@@ -48,13 +50,14 @@ class RayExpertBackend:
         handle = self._handles[request.worker] if request.worker < len(self._handles) else None
         if handle is None:
             raise WorkerLost(request.worker, "is down")
+        call_id = next(self._call_ids)
         ref = handle.forward.remote(
-            shared_x, request.expert_ids, request.offsets, request.token_idx, request.weights
+            shared_x, request.expert_ids, request.offsets, request.token_idx, request.weights, call_id
         )
         try:
             return await ref
         except asyncio.CancelledError:
-            ray.cancel(ref)  # a queued call never runs; Ray cannot interrupt a running one
+            handle.skip.remote(call_id)  # a queued call will not compute; a running one finishes
             raise
         except ray.exceptions.RayActorError as err:  # died, restarting, or unreachable
             raise WorkerLost(request.worker, f"was lost ({type(err).__name__})") from err

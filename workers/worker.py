@@ -10,6 +10,7 @@ import os
 import time
 import uuid
 import warnings
+from collections import deque
 
 import numpy as np
 import ray
@@ -23,7 +24,8 @@ from workers.weights import WeightSource
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
-CONTROL_GROUP = "control"  # health and stats calls, served beside the expert math
+CONTROL_GROUP = "control"  # health, stats and skip calls, served beside the expert math
+MAX_SKIPS = 4096  # skipped call ids remembered
 
 
 class ExpertWorker:
@@ -45,6 +47,9 @@ class ExpertWorker:
         self._tokens = 0
         self._busy_s = 0.0
         self._calls = 0
+        self._skip: set[int] = set()  # calls nobody waits for any more (see `skip`)
+        self._skip_order: deque[int] = deque()
+        self._skipped = 0
         self.incarnation = uuid.uuid4().hex  # new each time Ray restarts the actor (empty again)
 
     def __repr__(self) -> str:
@@ -114,6 +119,7 @@ class ExpertWorker:
         offsets: np.ndarray,
         token_idx: np.ndarray,
         weights: np.ndarray,
+        call_id: int | None = None,
     ) -> np.ndarray:
         """Run this worker's share of one batch.
 
@@ -121,7 +127,12 @@ class ExpertWorker:
         expert_ids: `[S]` logical experts; offsets: `[S + 1]`; token_idx: `[N]` rows of x,
         grouped by expert; weights: `[N]` gate weights. Returns `[U, H]` float32: for each
         distinct token of token_idx (ascending), the sum of its gate-weighted expert outputs.
+        A call the router gave up on (`skip(call_id)` came first) returns `[0, H]` at once.
         """
+        if call_id is not None and call_id in self._skip:
+            self._skip.discard(call_id)
+            self._skipped += 1
+            return np.zeros((0, x.shape[1]), dtype=np.float32)
         start = time.perf_counter()
         missing = [int(e) for e in expert_ids if int(e) not in self._experts]
         if missing:
@@ -141,12 +152,24 @@ class ExpertWorker:
         return partial.cpu().numpy()
 
     @ray.method(concurrency_group=CONTROL_GROUP, enable_task_events=False)
+    def skip(self, call_id: int) -> None:
+        """The router gave up on `forward` call `call_id` (its requests were cancelled or their
+        deadline passed): if it has not started, it will not compute. Runs beside `forward`.
+        (Not `ray.cancel`: cancelling queued tasks of an actor with concurrency groups left it
+        hanging in Ray 2.60.)"""
+        self._skip.add(int(call_id))
+        self._skip_order.append(int(call_id))
+        while len(self._skip_order) > MAX_SKIPS:  # calls that ran before their skip came
+            self._skip.discard(self._skip_order.popleft())
+
+    @ray.method(concurrency_group=CONTROL_GROUP, enable_task_events=False)
     def stats(self) -> dict:
         """Counters since start: calls, tokens, busy seconds, tokens per hosted replica."""
         return {
             "index": self.index,
             "replicas": len(self._experts),
             "calls": self._calls,
+            "skipped": self._skipped,
             "tokens": self._tokens,
             "busy_s": self._busy_s,
             "expert_tokens": dict(self._expert_tokens),
