@@ -5,7 +5,7 @@ Requests for the same MoE layer queue up while the workers are busy. When one of
 (up to `max_batch_tokens`), which may wait up to `max_wait_ms` for more before it goes. A request never
 splits; one larger than the limit goes alone. A request cancelled while queued (client gone,
 deadline passed) is dropped before it reaches a worker; a batch whose every request is
-cancelled is cancelled in the workers too.
+cancelled is cancelled too, and its shares not yet started are skipped at the workers.
 
 Admission control: a request that would take the model's queue past `max_queued_tokens` is
 refused at once with `Overloaded` (unless the queue is empty: a lone large request goes).

@@ -1,6 +1,6 @@
 """Overload and give-ups: admission control refuses excess requests at once with
 RESOURCE_EXHAUSTED; a request whose deadline passes, or whose client cancels, never runs on a
-worker (queued in the router it is dropped; queued at a worker its Ray task is cancelled)."""
+worker (queued in the router it is dropped; queued at a worker its share is skipped)."""
 
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def test_expired_and_cancelled_requests_never_run_on_a_worker(served: Served, st
     calls_before = served.worker_calls()
     first_x, first = _hold_workers(served, stub, seed=2)
     # the second batch slot is free: this one goes to the workers, waits there behind the slow
-    # one, and expires there; its Ray tasks are cancelled before their turn
+    # one, and expires there; its shares are skipped before their turn
     with pytest.raises(grpc.RpcError) as expired_in_worker:
         stub.ModelInfer(build_request(served.name, _hidden(served, 1024, seed=3), layer=0), timeout=0.3)
     assert expired_in_worker.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
