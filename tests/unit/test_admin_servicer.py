@@ -28,6 +28,7 @@ from cluster.planner import layer_balancedness
 from cluster.rebalancer import MigrationReport
 from protos import moe_admin_pb2 as admin_pb2
 from router_service.admin_servicer import AdminServicer, placement_from_pb, placement_to_pb
+from tests.unit.grpc_context import Aborted, FakeContext
 
 MODEL = "tiny"
 SPEC = ModelSpec(hidden_size=8, intermediate_size=8, num_experts=4, top_k=2, moe_layers=(1, 3), num_hidden_layers=4)
@@ -36,20 +37,6 @@ SLOTS = 6  # per worker, 2 workers: 4 spare slots
 NOW_S = 1000.0
 # [L, E] tokens in the window; layer 0 expert 0 is hot
 TOKENS = np.array([[40, 10, 10, 20], [5, 5, 5, 5]], dtype=np.int64)
-
-
-class Aborted(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str):
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
-
-
-class FakeContext:
-    """What `grpc.aio.ServicerContext.abort` does: raise, never return."""
-
-    async def abort(self, code, details="", trailing_metadata=()):
-        raise Aborted(code, details)
 
 
 class FakeController:

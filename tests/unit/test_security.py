@@ -36,6 +36,7 @@ from router_service.security import (
     required_access,
 )
 from router_service.server import ADMIN_DESCRIPTOR, INFERENCE_DESCRIPTOR, MAX_DETAILS_CHARS, guarded_handlers
+from tests.unit.grpc_context import Aborted, FakeContext
 
 INFERENCE_TOKEN = "inference-token-0123456789"
 OTHER_INFERENCE_TOKEN = "inference-token-abcdefghij"
@@ -112,28 +113,6 @@ def make_pki(directory: Path) -> Pki:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-# ---- a fake servicer context ------------------------------------------------------------------
-
-
-class Aborted(grpc.aio.AbortError):
-    """What the real context raises (an `AbortError`), with the status it was given."""
-
-    def __init__(self, code: grpc.StatusCode, details: str):
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
-
-
-class FakeContext:
-    """What `grpc.aio.ServicerContext.abort` does: raise, never return."""
-
-    async def abort(self, code, details="", trailing_metadata=()):
-        raise Aborted(code, details)
-
-    def code(self):
-        return None
 
 
 # ---- which call needs what --------------------------------------------------------------------
