@@ -97,7 +97,7 @@ def main() -> int:
         moved = [n for i, n in enumerate(plane.pool.worker_nodes()) if i in on_victim]
         print(RESULT + json.dumps({
             "workers_on_lost_node": on_victim, "recovery_s": recovery_s, "sent": len(driver.outcomes),
-            "outcomes": tally, "errors": driver.errors[:5], "new_nodes_differ": all(n != victim_node for n in moved),
+            "outcomes": tally, "errors": driver.errors[:10], "tail": [o for o, _ in driver.outcomes[-10:]], "new_nodes_differ": all(n != victim_node for n in moved),
             "events": [f"+{e.at_s - killed_at:.1f}s {e.kind}: {e.detail}" for e in plane.supervisor.events],
         }), flush=True)
     finally:
