@@ -83,7 +83,7 @@ class WorkersConfig(_Section):
     spread: Annotated[bool, Field(description="spread the workers over the nodes (Ray's SPREAD strategy), so losing a node loses as few as possible; false packs them")] = True
     health_check_interval_s: Annotated[float, Field(gt=0, description="how often the supervisor probes every worker (a lost one is routed around, reloaded once Ray restarts it)")] = 0.5
     health_check_timeout_s: Annotated[float, Field(gt=0, description="a probe not answered within this long is missed")] = 1.0
-    health_check_misses: Annotated[int, Field(ge=1, description="probes missed in a row before a worker counts as down (at once when a router saw it fail)")] = 3
+    health_check_misses: Annotated[int, Field(ge=1, description="probes missed in a row before a silent worker counts as down; a worker a router saw fail counts at once, and one Ray restarted is reloaded at once (a probe can wait behind batch shares whose inputs are still on their way, so keep this high)")] = 10
 
     @model_validator(mode="after")
     def _bounds_hold_count(self) -> WorkersConfig:

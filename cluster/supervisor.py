@@ -2,7 +2,8 @@
 
 Every `interval_s` it probes each worker (`ready()`, which runs beside the expert math):
 - a worker that does not answer, and that a router saw fail (or that missed `max_misses`
-  probes in a row: a busy machine may answer late), is **down**: the routers stop sending to
+  probes in a row: Ray orders one caller's calls to an actor, so a probe can wait behind batch
+  shares whose inputs are still on their way), is **down**: the routers stop sending to
   it (they already retried its in-flight shares on other replicas, and count it down
   themselves until told otherwise);
 - if that leaves logical experts without a live replica, the placement is **repaired**
@@ -64,7 +65,7 @@ class WorkerSupervisor:
     def __init__(self, fleet: SupervisedFleet, hub: PlacementHub, rebalancer: Rebalancer,
                  capacity: Callable[[], Sequence[int]], load: Callable[[], np.ndarray],
                  reported_lost: Callable[[], Awaitable[set[int]]], interval_s: float, probe_timeout_s: float,
-                 max_misses: int = 3, clock: Callable[[], float] = time.monotonic):
+                 max_misses: int = 10, clock: Callable[[], float] = time.monotonic):
         self._fleet = fleet
         self._hub = hub
         self._rebalancer = rebalancer
