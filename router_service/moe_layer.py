@@ -155,7 +155,11 @@ class DistributedMoELayer:
                 elif lost:  # the same assignments, to the other live replicas
                     self.retries += len(lost)
                     plan = plan_retry([r for r, _ in lost], self._replica_table(placement), self.outstanding)
-                    failure = self._unserved(plan, failed) or failure
+                    if plan.unserved_tokens.size:
+                        failed[plan.unserved_tokens] = True
+                        failure = failure or WorkerLost(
+                            lost[0][1].worker, "was lost while serving this request, and no live replica "
+                            "of its experts is left to send it to")
                 combine_s += time.thread_time() - t0
                 if not lost:
                     break
