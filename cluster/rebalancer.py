@@ -84,7 +84,7 @@ class Rebalancer:
                 moved += await self._load(step.loads)
                 await self._publish(step.placement)
                 await asyncio.gather(*(
-                    self._mover.release_replicas(w, experts) for w, experts in _by_worker(step.releases).items()
+                    self._mover.release_replicas(w, experts) for w, experts in by_worker(step.releases).items()
                 ))
             if target.num_workers < self._hub.current.num_workers:
                 current = self._hub.current
@@ -102,18 +102,25 @@ class Rebalancer:
     async def _load(self, loads: tuple[tuple[int, int], ...]) -> int:
         current = self._hub.current
         calls = []
-        for worker, experts in _by_worker(loads).items():
-            sources = {}
-            if self._copy:
-                for e in experts:
-                    live = [w for w, _ in current.replicas[e] if w != worker and w not in self._hub.down]
-                    if live:
-                        sources[e] = live[hash((worker, e)) % len(live)]
+        for worker, experts in by_worker(loads).items():
+            sources = copy_sources(current, worker, experts, self._hub.down) if self._copy else {}
             calls.append(self._mover.load_replicas(worker, experts, sources))
         return sum(await asyncio.gather(*calls))
 
 
-def _by_worker(replicas: tuple[tuple[int, int], ...]) -> dict[int, list[int]]:
+def copy_sources(placement: Placement, worker: int, experts: list[int], down: frozenset[int]) -> dict[int, int]:
+    """For each of `experts` to load into `worker`: a live worker to copy it from (spread over
+    the replicas), where `placement` has one that is not down."""
+    sources = {}
+    for e in experts:
+        live = [w for w, _ in placement.replicas[e] if w != worker and w not in down]
+        if live:
+            sources[e] = live[hash((worker, e)) % len(live)]
+    return sources
+
+
+def by_worker(replicas) -> dict[int, list[int]]:
+    """`[(worker, logical expert)]` -> `{worker: [logical experts]}`."""
     out: dict[int, list[int]] = {}
     for worker, expert in replicas:
         out.setdefault(worker, []).append(expert)

@@ -31,7 +31,7 @@ import numpy as np
 from cluster.controller import notify
 from cluster.loops import Periodic
 from cluster.placement_hub import PlacementHub
-from cluster.rebalancer import Rebalancer
+from cluster.rebalancer import Rebalancer, by_worker, copy_sources
 from cluster.repair import plan_repair, uncovered_experts
 
 log = logging.getLogger(__name__)
@@ -119,16 +119,10 @@ class WorkerSupervisor:
             if plan is None:
                 return
             if plan.added:
-                by_worker: dict[int, list[int]] = {}
-                for worker, expert in plan.added:
-                    by_worker.setdefault(worker, []).append(expert)
-                await asyncio.gather(*(self._fleet.load_replicas(w, es, {}) for w, es in by_worker.items()))
+                await asyncio.gather(*(self._fleet.load_replicas(w, es, {}) for w, es in by_worker(plan.added).items()))
                 await self._hub.publish(plan.placement)
                 await self._hub.drained(plan.placement.version)
-                evicted: dict[int, list[int]] = {}
-                for worker, expert in plan.evicted:
-                    evicted.setdefault(worker, []).append(expert)
-                await asyncio.gather(*(self._fleet.release_replicas(w, es) for w, es in evicted.items()))
+                await asyncio.gather(*(self._fleet.release_replicas(w, es) for w, es in by_worker(plan.evicted).items()))
                 self._record("repaired", tuple(sorted(down)),
                              f"{len(plan.added)} experts without a live replica got one on a live worker "
                              f"(placement v{plan.placement.version}, {len(plan.evicted)} spare replicas evicted)",
@@ -142,12 +136,7 @@ class WorkerSupervisor:
         async with self._rebalancer.exclusive():
             start, current, down = self._clock(), self._hub.current, self._hub.down
             experts = [e for _, e in current.experts_of(worker)]
-            sources = {}
-            for e in experts:
-                live = [w for w, _ in current.replicas[e] if w != worker and w not in down]
-                if live:
-                    sources[e] = live[0]
-            loaded = await self._fleet.reload(worker, info, experts, sources)
+            loaded = await self._fleet.reload(worker, info, experts, copy_sources(current, worker, experts, down))
             await self._hub.mark_up(worker)
         since = self._down_since.pop(worker, start)
         self._record("reloaded", (worker,),

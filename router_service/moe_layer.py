@@ -138,6 +138,7 @@ class DistributedMoELayer:
             out = torch.zeros_like(hidden)
             failed = np.zeros(hidden.shape[0], dtype=bool)
             failure = self._unserved(plan, failed)
+            expert_tokens = plan.expert_tokens  # the routed load, counted once (retries add none)
             dispatch_s, combine_s = time.thread_time() - t0, 0.0
             for attempt in range(self._max_retries + 1):
                 answered, lost = await self._send(shared_x, plan.requests)  # gather
@@ -164,7 +165,6 @@ class DistributedMoELayer:
                 if not lost:
                     break
         self.stage_s.add(dispatch=dispatch_s, combine=combine_s)
-        expert_tokens = np.bincount(routing.topk_ids.numpy().reshape(-1), minlength=self.spec.num_experts)
         return LayerOutput(out, routing, expert_tokens, placement.version, failed if failed.any() else None, failure)
 
     def _unserved(self, plan: DispatchPlan, failed: np.ndarray) -> ExpertUnavailable | None:
