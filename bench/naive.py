@@ -11,7 +11,7 @@ import numpy as np
 import ray
 import torch
 
-from router_service.gate import softmax_topk_route
+from router_service.gate import route
 from workers.expert_math import fuse_w13, swiglu
 from workers.weights import WeightSource
 
@@ -32,7 +32,9 @@ class NaiveWorker:
 class NaiveMoE:
     def __init__(self, weights: WeightSource, num_workers: int, threads: int):
         spec = self.spec = weights.spec
-        self._gates = {layer: weights.gate_weight(layer) for layer in spec.moe_layers}
+        if spec.num_shared_experts:
+            raise ValueError("the naive baseline serves routed experts only; this model has shared experts")
+        self._gates = {layer: weights.gate(layer) for layer in spec.moe_layers}
         self._owner = {e: e % num_workers for e in range(spec.num_experts)}
         self._workers = [
             NaiveWorker.options(num_cpus=0.5).remote(
@@ -44,7 +46,7 @@ class NaiveMoE:
 
     def forward(self, layer: int, x: np.ndarray) -> np.ndarray:
         hidden = torch.from_numpy(x)
-        routing = softmax_topk_route(hidden, self._gates[layer], self.spec.top_k, self.spec.norm_topk_prob)
+        routing = route(hidden, self._gates[layer], self.spec.gate, self.spec.top_k)
         per_worker: list[dict[int, np.ndarray]] = [{} for _ in self._workers]
         positions = {}
         for e in torch.unique(routing.topk_ids).tolist():

@@ -80,16 +80,17 @@ class ModelAdmin:
         for w in workers:
             w["outstanding_tokens"] = int(outstanding[w["index"]]) if w["index"] < len(outstanding) else 0
         return LoadReport(
-            snapshot, layer_balancedness(self.placement, snapshot.expert_tokens),
+            snapshot, layer_balancedness(self.placement, snapshot.placement_load),
             self.placement.version, workers, list(self._controller.events),
         )
 
     def plan(self, load: np.ndarray | None = None) -> PlanReport:
-        """Dry run. load: `[L, E]` (or flat `[L*E]`); None uses the recent window."""
+        """Dry run. load: routed `[L, E]` (or flat `[L*E]`; the shared experts' load follows
+        from it); None uses the recent window."""
         if load is not None:
-            load = self.check_load(load)
+            load = self.spec.placed_load(self.check_load(load))
         else:
-            load = self._load(self._clock()).expert_tokens.astype(np.float64)
+            load = self._load(self._clock()).placement_load.astype(np.float64)
         current = self.placement
         proposed = self._controller.plan(load)
         have, want = current.replica_set, proposed.replica_set
@@ -114,7 +115,8 @@ class ModelAdmin:
         if placement.num_logical_experts != current.num_logical_experts:
             raise ValueError(
                 f"placement has {placement.num_logical_experts} logical experts; model '{self.name}' "
-                f"has {current.num_logical_experts} ({self.spec.num_moe_layers} layers x {self.spec.num_experts})"
+                f"has {current.num_logical_experts} ({self.spec.num_moe_layers} layers x {self.spec.experts_per_layer}"
+                f"{_shared_note(self.spec)})"
             )
         if placement.num_workers != current.num_workers:
             raise ValueError(f"placement has {placement.num_workers} workers; the service has {current.num_workers}")
@@ -129,3 +131,8 @@ class ModelAdmin:
 
     async def rebalance(self, force: bool = False) -> RebalanceEvent:
         return await self._controller.check(force=force, explain=True)
+
+
+def _shared_note(spec) -> str:
+    """How the experts per layer split, when some are shared: `" = 8 routed + 2 shared"`."""
+    return f" = {spec.num_experts} routed + {spec.num_shared_experts} shared" if spec.num_shared_experts else ""

@@ -1,6 +1,7 @@
 """`moe-serve`: serve a model, send it requests, run the demo, look at and change a running
 model's load and placement (`load`, `placement show|plan|apply|export|import`, `rebalance`), or
-run it as a long-lived service on a Ray cluster (`deploy`, `status`, `scale`, `shutdown`)."""
+run it as a long-lived service on a Ray cluster (`deploy`, `status`, `scale`, `shutdown`), or check
+it end to end against Hugging Face transformers (`verify`)."""
 
 from __future__ import annotations
 
@@ -30,12 +31,13 @@ from cluster.console import (
 from cluster.placement import Placement
 from cluster.service_cli import HANDLERS as SERVICE_HANDLERS, add_service_parsers
 from cluster.simulate_cli import add_simulate_parser, cmd_simulate
+from cluster.verify_cli import add_verify_parser, cmd_verify
 
 
 def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve a model over gRPC until SIGTERM")
     p.add_argument("config", nargs="?", help="YAML config (defaults: a small random model)")
-    p.add_argument("--checkpoint", help="Hugging Face Mixtral-layout checkpoint directory")
+    p.add_argument("--checkpoint", help="Hugging Face checkpoint directory (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3)")
     p.add_argument("--model-name", help="name clients use (model.name)")
     p.add_argument("--host", help="bind address (router.host), default 127.0.0.1")
     p.add_argument("--port", type=int, help="gRPC port (router.port), 0 picks a free one")
@@ -348,7 +350,8 @@ def cmd_placement(args) -> int:
                 _print_json({"model": args.model, **placement.to_dict()})
             else:
                 load = admin.load(args.model)
-                console.print(placement_table(args.model, placement.to_dict(), load.layers, load.num_experts))
+                console.print(placement_table(args.model, placement.to_dict(), load.layers, load.num_experts,
+                                              load.num_shared_experts))
         else:
             _show_plan(admin, args)
     return 0
@@ -364,7 +367,7 @@ def _show_plan(admin, args) -> None:
         "moves": plan.moves, "balancedness_current": list(plan.balancedness_current),
         "balancedness_proposed": list(plan.balancedness_proposed),
         "changes": [{"worker": c.worker, "expert": c.expert, "added": c.added} for c in plan.changes],
-    }, shape.layers, shape.num_experts)
+    }, shape.layers, shape.num_experts, shape.num_shared_experts)
     console.print(f"dry run for {args.model}: placement v{plan.current.version} stays in service; "
                   f"{'the recent window' if load is None else args.load} as the load", highlight=False)
     console.print(changes)
@@ -384,10 +387,12 @@ def main(argv: list[str] | None = None) -> int:
     _admin_parsers(sub)
     add_service_parsers(sub)
     add_simulate_parser(sub)
+    add_verify_parser(sub, _client_options)
     args = parser.parse_args(argv)
     handlers = {
         "serve": cmd_serve, "infer": cmd_infer, "demo": cmd_demo,
         "load": cmd_load, "placement": cmd_placement, "rebalance": cmd_rebalance, "simulate": cmd_simulate,
+        "verify": lambda args: cmd_verify(args, _client_credentials(args)),
         **SERVICE_HANDLERS,
     }
     try:

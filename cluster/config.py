@@ -51,7 +51,7 @@ class RandomModelConfig(_Section):
 class ModelConfig(_Section):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
                                description="model name clients use in requests")] = "moe"
-    checkpoint: Annotated[str | None, Field(description="Hugging Face Mixtral-layout checkpoint directory")] = None
+    checkpoint: Annotated[str | None, Field(description="Hugging Face checkpoint directory (Mixtral, Qwen2/3-MoE or DeepSeek-V2/V3 layout)")] = None
     random: Annotated[RandomModelConfig | None, Field(description="seeded random model (when no checkpoint)")] = None
 
     @model_validator(mode="after")

@@ -11,6 +11,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cluster.model_spec import expert_label
+
 
 console = Console(stderr=False)
 
@@ -52,11 +54,6 @@ def layer_expert_table(layers: Sequence[int], values: np.ndarray, title: str,
     return table
 
 
-def expert_label(logical: int, layers: Sequence[int], num_experts: int) -> str:
-    """`layer:expert` of a global logical expert id (`moe_index * num_experts + e`)."""
-    return f"{layers[logical // num_experts]}:{logical % num_experts}"
-
-
 def summary_table(title: str, rows: dict[str, str]) -> Table:
     table = Table(title=title, show_header=False)
     table.add_column("what")
@@ -66,14 +63,15 @@ def summary_table(title: str, rows: dict[str, str]) -> Table:
     return table
 
 
-def placement_table(model: str, placement: dict, layers: Sequence[int], num_experts: int) -> Table:
-    """placement: `Placement.to_dict()`; one row per worker, its replicas as `layer:expert`."""
+def placement_table(model: str, placement: dict, layers: Sequence[int], num_experts: int, shared: int = 0) -> Table:
+    """placement: `Placement.to_dict()`; one row per worker, its replicas as `layer:expert`
+    (`layer:s0` for a piece of the `shared` experts)."""
     table = Table(title=f"placement of {model} (v{placement['version']})")
     for col in ("worker", "replicas", "experts (layer:expert)"):
         table.add_column(col, justify="left" if col.startswith("experts") else "right")
     for w, row in enumerate(placement["slots"]):
         held = [e for e in row if e >= 0]
-        table.add_row(str(w), str(len(held)), " ".join(expert_label(e, layers, num_experts) for e in held))
+        table.add_row(str(w), str(len(held)), " ".join(expert_label(e, layers, num_experts, shared) for e in held))
     return table
 
 
@@ -122,7 +120,7 @@ def events_table(events: list[dict], title: str = "recent rebalance events") -> 
     return table
 
 
-def plan_tables(plan: dict, layers: Sequence[int], num_experts: int) -> tuple[Table, Table]:
+def plan_tables(plan: dict, layers: Sequence[int], num_experts: int, shared: int = 0) -> tuple[Table, Table]:
     """plan: `{moves, balancedness_current, balancedness_proposed, changes: [{worker, expert,
     added}]}`; (replica changes, per-layer balancedness current vs proposed)."""
     changes = Table(title=f"replica changes ({plan['moves']} loads)")
@@ -131,7 +129,7 @@ def plan_tables(plan: dict, layers: Sequence[int], num_experts: int) -> tuple[Ta
     for c in sorted(plan["changes"], key=lambda c: (c["worker"], not c["added"], c["expert"])):
         changes.add_row(
             str(c["worker"]), "[green]+ add[/]" if c["added"] else "[red]- remove[/]",
-            expert_label(c["expert"], layers, num_experts),
+            expert_label(c["expert"], layers, num_experts, shared),
         )
     balance = Table(title="balancedness per layer")
     for col in ("layer", "current", "proposed"):

@@ -63,7 +63,9 @@ class LoadFeed:
         return self.board.snapshot(now_s)
 
     def tokens_per_s(self) -> float:
-        return float(self.board.snapshot(self._clock()).tokens_per_s.sum())
+        """Expert-tokens per second the workers carry: routed, plus the shared experts'."""
+        snapshot = self.board.snapshot(self._clock())
+        return float(snapshot.placement_load.sum() / snapshot.window_s)
 
     def queue_delay_ms(self) -> float:
         return self.board.queue_delay_ms(self._clock())
@@ -134,6 +136,7 @@ class ControlPlane:
             "placement": self.placement.to_dict(),
             "layers": list(self.weights.spec.moe_layers),
             "num_experts": self.weights.spec.num_experts,
+            "num_shared_experts": self.weights.spec.num_shared_experts,
             "slots_per_worker": self.slots_per_worker,
             "workers": workers,
             "pending_workers": self.pool.pending,
@@ -179,7 +182,7 @@ def _rebalance_dict(event, now_s: float, version: int) -> dict:
 
 
 def _live_balancedness(hub: PlacementHub, feed: LoadFeed) -> float:
-    return float(layer_balancedness(hub.current, feed.snapshot(time.monotonic()).expert_tokens).min())
+    return float(layer_balancedness(hub.current, feed.snapshot(time.monotonic()).placement_load).min())
 
 
 async def start_control_plane(config: ServeConfig, progress: LoadProgress | None = None,
@@ -201,7 +204,8 @@ async def start_control_plane(config: ServeConfig, progress: LoadProgress | None
         hub = PlacementHub(placement)
         await hub.set_workers(pool.handles)
         feed = LoadFeed(hub, LoadBoard(spec.num_moe_layers, spec.num_experts, config.rebalance.window_s,
-                                       started_s=time.monotonic()))
+                                       started_s=time.monotonic(),
+                                       placed=spec.placed_load if spec.num_shared_experts else None))
         rebalance = config.rebalance
         rebalancer = Rebalancer(hub, pool, rebalance.max_loads_per_step, rebalance.copy_from_live)
         controller = Controller(hub, feed.snapshot, rebalancer, [slots] * config.workers.count, rebalance,
@@ -213,7 +217,7 @@ async def start_control_plane(config: ServeConfig, progress: LoadProgress | None
         admin = ModelAdmin(config.model.name, spec, hub, controller, feed.snapshot, pool.stats_async,
                            feed.outstanding, refresh=feed.refresh)
         supervisor = WorkerSupervisor(pool, hub, rebalancer, lambda: controller.capacity,
-                                      lambda: feed.snapshot(time.monotonic()).expert_tokens.reshape(-1),
+                                      lambda: feed.snapshot(time.monotonic()).placement_load.reshape(-1),
                                       feed.lost_workers, config.workers.health_check_interval_s,
                                       config.workers.health_check_timeout_s, config.workers.health_check_misses)
         observer = Observer(hub, feed, pool.stats_async, lambda: pool.pending,

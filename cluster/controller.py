@@ -107,7 +107,7 @@ class Controller:
     def balancedness(self, snapshot: LoadSnapshot | None = None) -> np.ndarray:
         """`[L]` live balancedness of the placement in service under the recent load."""
         snapshot = snapshot or self._load(self._clock())
-        return layer_balancedness(self._hub.current, snapshot.expert_tokens)
+        return layer_balancedness(self._hub.current, snapshot.placement_load)
 
     def resize(self, capacity: Sequence[int], worker_nodes: Sequence[str] | None) -> None:
         """The workers changed (scaling): `[W]` slots and node per worker from now on."""
@@ -119,7 +119,7 @@ class Controller:
         recent) over `capacity` `[W]` slots per worker (default: the workers in service; 0
         empties a worker). The workers in service keep their index."""
         if load is None:
-            load = self._load(self._clock()).expert_tokens
+            load = self._load(self._clock()).placement_load
         capacity = self.capacity if capacity is None else list(capacity)
         current = self._hub.current
         if len(capacity) != current.num_workers:
@@ -159,8 +159,8 @@ class Controller:
             reason = f"forced on demand at balancedness {before:.3f}"
         if not (trigger or force):
             return RebalanceEvent(now, reason, before, before, 0, None) if explain else None
-        target = self.plan(snapshot.expert_tokens)
-        planned = float(layer_balancedness(target, snapshot.expert_tokens).min())
+        target = self.plan(snapshot.placement_load)
+        planned = float(layer_balancedness(target, snapshot.placement_load).min())
         moves = count_moves(self._hub.current, target)
         if not force and planned - before < self.config.min_gain:
             event = RebalanceEvent(now, f"skipped: plan gains {planned - before:.3f} < min_gain {self.config.min_gain}",

@@ -26,6 +26,7 @@ from cluster.model_spec import ModelSpec
 from cluster.placement import Placement
 from cluster.placement_store import PlacementStore
 from router_service.admin_servicer import AdminOperations
+from router_service.gate import GateWeights
 from router_service.moe_layer import DistributedMoELayer
 from router_service.ray_backend import RayExpertBackend
 from router_service.router import ModelRouter
@@ -92,7 +93,7 @@ class RouterSide:
         return self.server
 
 
-def build_router(config: ServeConfig, spec: ModelSpec, gates: dict[int, torch.Tensor], placement: Placement,
+def build_router(config: ServeConfig, spec: ModelSpec, gates: dict[int, GateWeights], placement: Placement,
                  handles: Sequence[Any], router_id: str = "router") -> RouterSide:
     """A router for `placement` over the workers `handles`, not yet open to clients."""
     torch.set_num_threads(config.router.torch_threads)
@@ -164,7 +165,7 @@ async def deploy(config: ServeConfig, progress: LoadProgress | None = None,
     plane = await start_control_plane(config, progress, worker_cls)
     try:
         spec = plane.weights.spec
-        gates = {layer: plane.weights.gate_weight(layer) for layer in spec.moe_layers}
+        gates = {layer: plane.weights.gate(layer) for layer in spec.moe_layers}
         side = build_router(config, spec, gates, plane.placement, plane.hub.workers)
         await plane.attach(side)
         await side.open(config, plane.admin)

@@ -5,7 +5,8 @@ clock."""
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -13,12 +14,22 @@ import numpy as np
 @dataclass(frozen=True)
 class LoadSnapshot:
     """expert_tokens: `[L, E]` tokens routed per logical expert within the window;
-    tokens_per_s: `[L, E]` the same as a rate; window_s: how much time it covers."""
+    tokens_per_s: `[L, E]` the same as a rate; window_s: how much time it covers;
+    placed_tokens: `[L, experts_per_layer]` the load the placement carries, the routed load plus
+    the shared experts' (every token), or None when the model has no shared experts. Routed
+    statistics (metrics, hot experts, traces) read `expert_tokens`; placement and scaling read
+    `placement_load`."""
 
     expert_tokens: np.ndarray
     tokens_per_s: np.ndarray
     window_s: float
     total_tokens: int
+    placed_tokens: np.ndarray | None = None
+
+    @property
+    def placement_load(self) -> np.ndarray:
+        """`[L, experts_per_layer]` tokens per placed logical expert within the window."""
+        return self.expert_tokens if self.placed_tokens is None else self.placed_tokens
 
 
 class SlidingWindowLoad:
@@ -87,7 +98,11 @@ class LoadBoard:
     report's bucket.
     """
 
-    def __init__(self, num_layers: int, num_experts: int, window_s: float, started_s: float):
+    def __init__(self, num_layers: int, num_experts: int, window_s: float, started_s: float,
+                 placed: Callable[[np.ndarray], np.ndarray] | None = None):
+        """placed: the routed load `[L, E]` -> the placed load (`ModelSpec.placed_load`), for
+        models with shared experts."""
+        self._placed = placed
         self.window = SlidingWindowLoad(num_layers, num_experts, window_s, bucket_s=min(1.0, window_s / 10))
         self.window.add(0, np.zeros(num_experts, dtype=np.int64), started_s)
         self._delays: deque[tuple[float, float]] = deque(maxlen=4096)  # (at_s, delay_s)
@@ -111,7 +126,10 @@ class LoadBoard:
         self._latest.pop(router_id, None)
 
     def snapshot(self, now_s: float) -> LoadSnapshot:
-        return self.window.snapshot(now_s)
+        snapshot = self.window.snapshot(now_s)
+        if self._placed is None:
+            return snapshot
+        return replace(snapshot, placed_tokens=self._placed(snapshot.expert_tokens))
 
     def queue_delay_ms(self, now_s: float, quantile: float = 0.9) -> float:
         """The `quantile` of queue delays within the window, or the oldest request still queued

@@ -7,8 +7,9 @@ It carries no weights and imports neither Ray nor gRPC.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 # Datatype names of the Open Inference Protocol (KServe v2) that we accept for hidden states,
@@ -20,6 +21,55 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
 }
 
 
+SCORINGS = ("softmax", "sigmoid")
+GROUP_SCORES = ("max", "top2_sum")
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """How a layer's gate turns router logits into top-k experts and weights.
+
+    scoring: "softmax" (Mixtral, Qwen, DeepSeek-V2) or "sigmoid" (DeepSeek-V3) over the logits;
+    correction_bias: the layer has a bias `[E]` added to the scores to *choose* the experts
+        (DeepSeek-V3 `e_score_correction_bias`), while the weights come from the raw scores;
+    n_group, topk_group: group-limited routing: the experts split into `n_group` equal groups,
+        each token picks its `topk_group` best groups (scored by their best expert, "max",
+        DeepSeek-V2; or by the sum of their best two, "top2_sum", DeepSeek-V3) and its top-k
+        experts among those; 1 and 1 is plain top-k;
+    norm_topk_prob: the k weights are renormalised to sum to 1;
+    routed_scaling_factor: the routed experts' weights are multiplied by it (DeepSeek);
+    shared_gate: the shared experts' output is scaled per token by a sigmoid gate
+        (Qwen2-MoE `shared_expert_gate`, a `[1, H]` weight); otherwise by 1.
+    """
+
+    scoring: str = "softmax"
+    norm_topk_prob: bool = True
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "max"
+    routed_scaling_factor: float = 1.0
+    correction_bias: bool = False
+    shared_gate: bool = False
+
+    def __post_init__(self) -> None:
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"gate scoring must be one of {SCORINGS}, got {self.scoring!r}")
+        if self.group_score not in GROUP_SCORES:
+            raise ValueError(f"gate group_score must be one of {GROUP_SCORES}, got {self.group_score!r}")
+        for name in ("n_group", "topk_group"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"gate {name} must be a positive integer, got {value!r}")
+        if self.topk_group > self.n_group:
+            raise ValueError(f"gate topk_group ({self.topk_group}) cannot exceed n_group ({self.n_group})")
+        if not self.routed_scaling_factor > 0:
+            raise ValueError(f"gate routed_scaling_factor must be > 0, got {self.routed_scaling_factor!r}")
+
+    @property
+    def grouped(self) -> bool:
+        return self.n_group > 1
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Shapes of the MoE layers of one model.
@@ -28,9 +78,16 @@ class ModelSpec:
         block; a request names one of these as its `layer` parameter; the others are dense.
     intermediate_size: each routed expert's (Mixtral `intermediate_size`, Qwen
         `moe_intermediate_size`).
-    norm_topk_prob: the gate renormalises the top-k weights to sum to 1 (Mixtral always;
-        Qwen-MoE as its config says).
-    family: the checkpoint layout the model comes in ("mixtral", "qwen3_moe").
+    gate: how the gate scores and picks experts (`GateSpec`; Mixtral's by default).
+    shared_intermediate_size: the intermediate size of the layer's shared experts taken
+        together (0: none). Every token goes through them. They are served as
+        `num_shared_experts` extra experts of `intermediate_size` each, the shared MLP cut along
+        its intermediate dimension (and zero-padded to a whole number of pieces, which adds
+        exactly nothing), so they are placed and replicated like any other expert.
+    family: the checkpoint layout the model comes in (see `workers.hf_layouts`).
+
+    Logical experts: in MoE layer position `m`, expert `e` is `m * experts_per_layer + e`; the
+    routed experts are `e < num_experts`, the shared ones follow.
     """
 
     hidden_size: int
@@ -39,7 +96,8 @@ class ModelSpec:
     top_k: int
     moe_layers: tuple[int, ...]
     num_hidden_layers: int
-    norm_topk_prob: bool = True
+    gate: GateSpec = field(default_factory=GateSpec)
+    shared_intermediate_size: int = 0
     family: str = "mixtral"
 
     def __post_init__(self) -> None:
@@ -51,6 +109,17 @@ class ModelSpec:
             raise ValueError(
                 f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})"
             )
+        if not isinstance(self.shared_intermediate_size, int) or self.shared_intermediate_size < 0:
+            raise ValueError(f"shared_intermediate_size must be an integer >= 0, got {self.shared_intermediate_size!r}")
+        if self.num_experts % self.gate.n_group:
+            raise ValueError(f"num_experts ({self.num_experts}) must split into n_group ({self.gate.n_group}) equal groups")
+        if self.gate.grouped and self.top_k > self.gate.topk_group * (self.num_experts // self.gate.n_group):
+            raise ValueError(
+                f"top_k ({self.top_k}) exceeds the experts of topk_group ({self.gate.topk_group}) groups "
+                f"of {self.num_experts // self.gate.n_group}"
+            )
+        if self.gate.group_score == "top2_sum" and self.gate.grouped and self.num_experts // self.gate.n_group < 2:
+            raise ValueError("group_score 'top2_sum' needs at least 2 experts per group")
         if not self.moe_layers:
             raise ValueError("a model needs at least one MoE layer, got moe_layers=()")
         if list(self.moe_layers) != sorted(set(self.moe_layers)):
@@ -67,9 +136,36 @@ class ModelSpec:
         return len(self.moe_layers)
 
     @property
+    def num_shared_experts(self) -> int:
+        """Shared-expert pieces per MoE layer, each of `intermediate_size`."""
+        return -(-self.shared_intermediate_size // self.intermediate_size)
+
+    @property
+    def experts_per_layer(self) -> int:
+        """Placed experts per MoE layer: the routed ones, then the shared pieces."""
+        return self.num_experts + self.num_shared_experts
+
+    @property
     def num_logical_experts(self) -> int:
-        """Logical experts over all MoE layers: placement indexes them `moe_index * E + e`."""
-        return self.num_moe_layers * self.num_experts
+        """Logical experts over all MoE layers: placement indexes them
+        `moe_index * experts_per_layer + e`."""
+        return self.num_moe_layers * self.experts_per_layer
+
+    def layer_expert(self, logical: int) -> tuple[int, int]:
+        """(model layer, expert within the layer) of a logical expert; shared pieces are
+        `num_experts` and up."""
+        return self.moe_layers[logical // self.experts_per_layer], logical % self.experts_per_layer
+
+    def placed_load(self, routed: np.ndarray) -> np.ndarray:
+        """The load the placement must carry, `[L, experts_per_layer]`, from the routed load
+        `[L, E]` (tokens the gate sent to each expert): every token of a layer also goes through
+        each shared piece, so those get the layer's token count (routed / top_k). The routed
+        columns are returned as they are."""
+        routed = np.asarray(routed)
+        if not self.num_shared_experts:
+            return routed
+        tokens = routed.sum(axis=1, keepdims=True) / self.top_k
+        return np.hstack([routed, np.repeat(tokens, self.num_shared_experts, axis=1).astype(routed.dtype)])
 
     def moe_index(self, layer: int) -> int:
         """Position of model layer `layer` among the MoE layers; ValueError if it has no MoE."""
@@ -94,9 +190,21 @@ class ModelSpec:
         """The dense layers as short ranges, or "none"."""
         return _ranges(self.dense_layers)
 
+    def expert_label(self, logical: int) -> str:
+        """`layer:expert` of a logical expert, `layer:s0` for a shared piece."""
+        return expert_label(logical, self.moe_layers, self.num_experts, self.num_shared_experts)
+
     def expert_bytes(self, bytes_per_param: int = 4) -> int:
         """Memory of one expert's three matrices (w1, w3: [F, H]; w2: [H, F])."""
         return 3 * self.hidden_size * self.intermediate_size * bytes_per_param
+
+
+def expert_label(logical: int, layers, num_experts: int, shared: int = 0) -> str:
+    """`layer:expert` of logical expert `logical` (stride `num_experts + shared`); the shared
+    pieces read `layer:s0`, `layer:s1`, ..."""
+    stride = num_experts + shared
+    layer, e = layers[logical // stride], logical % stride
+    return f"{layer}:{e}" if e < num_experts else f"{layer}:s{e - num_experts}"
 
 
 def _ranges(values: tuple[int, ...]) -> str:

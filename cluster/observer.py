@@ -60,8 +60,10 @@ class Observer:
         self.history.append(LoadPoint(time.time(), snapshot.tokens_per_s.astype(np.float32), placement.version))
         self.workers = self._rates(await self._worker_stats(), now)
         if self._metrics is not None:
-            self._metrics.load(snapshot.tokens_per_s, placement.replica_counts,
-                               layer_balancedness(placement, snapshot.expert_tokens), placement.version)
+            layers, routed = snapshot.tokens_per_s.shape  # routed experts only: shared ones are no routed load
+            replicas = placement.replica_counts.reshape(layers, -1)[:, :routed].reshape(-1)
+            self._metrics.load(snapshot.tokens_per_s, replicas,
+                               layer_balancedness(placement, snapshot.placement_load), placement.version)
             self._metrics.workers(placement.num_workers, self._pending(), self.workers)
 
     def _rates(self, stats: list[dict], now: float) -> list[dict]:

@@ -213,7 +213,7 @@ class RouterActor:
         controller = ray.get_actor(self._controller_name, namespace=self.config.ray.namespace)
         weights = weights_for(self.config)
         spec = weights.spec
-        gates = {layer: weights.gate_weight(layer) for layer in spec.moe_layers}
+        gates = {layer: weights.gate(layer) for layer in spec.moe_layers}
         placement, handles = await controller.router_bootstrap.remote()
         side = build_router(self.config, spec, gates, placement, handles, router_id=name)
         self.side = side

@@ -141,7 +141,8 @@ def status_view(status: dict):
     from rich.console import Group
 
     parts = [service_summary(status), worker_load_table(status["workers"]),
-             placement_table(status["model"], status["placement"], status["layers"], status["num_experts"])]
+             placement_table(status["model"], status["placement"], status["layers"], status["num_experts"],
+                             status.get("num_shared_experts", 0))]
     if status["autoscaler"]["recent_decisions"]:
         parts.append(decisions_table(status["autoscaler"]["recent_decisions"][-5:]))
     if status["scale_events"]:

@@ -13,6 +13,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from cluster.model_spec import expert_label
+
 PANELS = ("per-expert load over time", "placement per worker", "worker load now")
 
 
@@ -25,7 +27,7 @@ def write_status_png(status: dict, path: str | Path, dpi: int = 110) -> list[str
     FigureCanvasAgg(figure)
     heat_ax, place_ax, worker_ax = figure.subplots(3, 1, height_ratios=(3, 2, 1.2))
     _load_heatmap(heat_ax, history, layers, num_experts)
-    _placement(place_ax, status["placement"], layers, num_experts)
+    _placement(place_ax, status["placement"], layers, num_experts, status.get("num_shared_experts", 0))
     _workers(worker_ax, status["workers"])
     figure.suptitle(
         f"moe-serve {status['model']}: placement v{status['placement_version']}, {len(status['workers'])} workers, "
@@ -63,20 +65,21 @@ def _load_heatmap(ax, history: dict, layers, num_experts: int) -> None:
     _ticks(ax, n, _labels(layers, num_experts))
 
 
-def _placement(ax, placement: dict, layers, num_experts: int) -> None:
+def _placement(ax, placement: dict, layers, num_experts: int, shared: int = 0) -> None:
     ax.set_title(PANELS[1])
-    n = len(layers) * num_experts
+    stride = num_experts + shared
+    n = len(layers) * stride
     rows = placement["slots"]
     held = np.zeros((len(rows), n))
     for w, row in enumerate(rows):
         for e in row:
             if e >= 0:
-                held[w, e] = 1 + e // num_experts  # coloured by layer
+                held[w, e] = 1 + e // stride  # coloured by layer
     ax.imshow(np.ma.masked_equal(held, 0), aspect="auto", interpolation="nearest", cmap="tab10", vmin=1, vmax=10)
     ax.set_ylabel("worker")
     ax.set_yticks(range(len(rows)))
     ax.set_xlabel("logical expert (layer:expert); a cell is a replica, coloured by layer")
-    _ticks(ax, n, _labels(layers, num_experts), axis="x")
+    _ticks(ax, n, [expert_label(g, layers, num_experts, shared) for g in range(n)], axis="x")
 
 
 def _workers(ax, workers: list[dict]) -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/moe_admin.proto\x12\x0cmoe.admin.v1\"h\n\tPlacement\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x1b\n\x13num_logical_experts\x18\x02 \x01(\x05\x12-\n\x07workers\x18\x03 \x03(\x0b\x32\x1c.moe.admin.v1.WorkerReplicas\"!\n\x0eWorkerReplicas\x12\x0f\n\x07\x65xperts\x18\x01 \x03(\x05\"\x1c\n\x0bLoadRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x84\x02\n\nWorkerLoad\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x10\n\x08replicas\x18\x03 \x01(\x05\x12\r\n\x05\x63\x61lls\x18\x04 \x01(\x03\x12\x0e\n\x06tokens\x18\x05 \x01(\x03\x12\x0e\n\x06\x62usy_s\x18\x06 \x01(\x01\x12\x1a\n\x12outstanding_tokens\x18\x07 \x01(\x03\x12\x43\n\x0ereplica_tokens\x18\x08 \x03(\x0b\x32+.moe.admin.v1.WorkerLoad.ReplicaTokensEntry\x1a\x34\n\x12ReplicaTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xdb\x01\n\x0eRebalanceEvent\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0c\x66rom_version\x18\x03 \x01(\x03\x12\x12\n\nto_version\x18\x04 \x01(\x03\x12\r\n\x05moves\x18\x05 \x01(\x05\x12\x1b\n\x13\x62\x61lancedness_before\x18\x06 \x01(\x01\x12\x1a\n\x12\x62\x61lancedness_after\x18\x07 \x01(\x01\x12\x12\n\nduration_s\x18\x08 \x01(\x01\x12\x13\n\x0b\x62ytes_moved\x18\t \x01(\x03\x12\r\n\x05\x61ge_s\x18\n \x01(\x01\"\x92\x02\n\x0cLoadResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\x05\x12\x13\n\x0bnum_experts\x18\x03 \x01(\x05\x12\x10\n\x08window_s\x18\x04 \x01(\x01\x12\x15\n\rwindow_tokens\x18\x05 \x03(\x03\x12\x14\n\x0ctokens_per_s\x18\x06 \x03(\x01\x12\x14\n\x0c\x62\x61lancedness\x18\x07 \x03(\x01\x12\x19\n\x11placement_version\x18\x08 \x01(\x03\x12)\n\x07workers\x18\t \x03(\x0b\x32\x18.moe.admin.v1.WorkerLoad\x12\x33\n\rrecent_events\x18\n \x03(\x0b\x32\x1c.moe.admin.v1.RebalanceEvent\"!\n\x10PlacementRequest\x12\r\n\x05model\x18\x01 \x01(\t\"N\n\x11PlacementResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\tplacement\x18\x02 \x01(\x0b\x32\x17.moe.admin.v1.Placement\"*\n\x0bPlanRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04load\x18\x02 \x03(\x01\">\n\rReplicaChange\x12\x0e\n\x06worker\x18\x01 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x05\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x03 \x01(\x08\"\xdd\x01\n\x0cPlanResponse\x12(\n\x07\x63urrent\x18\x01 \x01(\x0b\x32\x17.moe.admin.v1.Placement\x12)\n\x08proposed\x18\x02 \x01(\x0b\x32\x17.moe.admin.v1.Placement\x12\r\n\x05moves\x18\x03 \x01(\x05\x12\x1c\n\x14\x62\x61lancedness_current\x18\x04 \x03(\x01\x12\x1d\n\x15\x62\x61lancedness_proposed\x18\x05 \x03(\x01\x12,\n\x07\x63hanges\x18\x06 \x03(\x0b\x32\x1b.moe.admin.v1.ReplicaChange\"I\n\x0c\x41pplyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\tplacement\x18\x02 \x01(\x0b\x32\x17.moe.admin.v1.Placement\"0\n\x10RebalanceRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\x32\x8a\x03\n\x0c\x41\x64minService\x12\x42\n\x07GetLoad\x12\x19.moe.admin.v1.LoadRequest\x1a\x1a.moe.admin.v1.LoadResponse\"\x00\x12Q\n\x0cGetPlacement\x12\x1e.moe.admin.v1.PlacementRequest\x1a\x1f.moe.admin.v1.PlacementResponse\"\x00\x12H\n\rPlanPlacement\x12\x19.moe.admin.v1.PlanRequest\x1a\x1a.moe.admin.v1.PlanResponse\"\x00\x12L\n\x0e\x41pplyPlacement\x12\x1a.moe.admin.v1.ApplyRequest\x1a\x1c.moe.admin.v1.RebalanceEvent\"\x00\x12K\n\tRebalance\x12\x1e.moe.admin.v1.RebalanceRequest\x1a\x1c.moe.admin.v1.RebalanceEvent\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/moe_admin.proto\x12\x0cmoe.admin.v1\"h\n\tPlacement\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x1b\n\x13num_logical_experts\x18\x02 \x01(\x05\x12-\n\x07workers\x18\x03 \x03(\x0b\x32\x1c.moe.admin.v1.WorkerReplicas\"!\n\x0eWorkerReplicas\x12\x0f\n\x07\x65xperts\x18\x01 \x03(\x05\"\x1c\n\x0bLoadRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x84\x02\n\nWorkerLoad\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x10\n\x08replicas\x18\x03 \x01(\x05\x12\r\n\x05\x63\x61lls\x18\x04 \x01(\x03\x12\x0e\n\x06tokens\x18\x05 \x01(\x03\x12\x0e\n\x06\x62usy_s\x18\x06 \x01(\x01\x12\x1a\n\x12outstanding_tokens\x18\x07 \x01(\x03\x12\x43\n\x0ereplica_tokens\x18\x08 \x03(\x0b\x32+.moe.admin.v1.WorkerLoad.ReplicaTokensEntry\x1a\x34\n\x12ReplicaTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xdb\x01\n\x0eRebalanceEvent\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0c\x66rom_version\x18\x03 \x01(\x03\x12\x12\n\nto_version\x18\x04 \x01(\x03\x12\r\n\x05moves\x18\x05 \x01(\x05\x12\x1b\n\x13\x62\x61lancedness_before\x18\x06 \x01(\x01\x12\x1a\n\x12\x62\x61lancedness_after\x18\x07 \x01(\x01\x12\x12\n\nduration_s\x18\x08 \x01(\x01\x12\x13\n\x0b\x62ytes_moved\x18\t \x01(\x03\x12\r\n\x05\x61ge_s\x18\n \x01(\x01\"\xae\x02\n\x0cLoadResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\x05\x12\x13\n\x0bnum_experts\x18\x03 \x01(\x05\x12\x10\n\x08window_s\x18\x04 \x01(\x01\x12\x15\n\rwindow_tokens\x18\x05 \x03(\x03\x12\x14\n\x0ctokens_per_s\x18\x06 \x03(\x01\x12\x14\n\x0c\x62\x61lancedness\x18\x07 \x03(\x01\x12\x19\n\x11placement_version\x18\x08 \x01(\x03\x12)\n\x07workers\x18\t \x03(\x0b\x32\x18.moe.admin.v1.WorkerLoad\x12\x33\n\rrecent_events\x18\n \x03(\x0b\x32\x1c.moe.admin.v1.RebalanceEvent\x12\x1a\n\x12num_shared_experts\x18\x0b \x01(\x05\"!\n\x10PlacementRequest\x12\r\n\x05model\x18\x01 \x01(\t\"N\n\x11PlacementResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\tplacement\x18\x02 \x01(\x0b\x32\x17.moe.admin.v1.Placement\"*\n\x0bPlanRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04load\x18\x02 \x03(\x01\">\n\rReplicaChange\x12\x0e\n\x06worker\x18\x01 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x05\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x03 \x01(\x08\"\xdd\x01\n\x0cPlanResponse\x12(\n\x07\x63urrent\x18\x01 \x01(\x0b\x32\x17.moe.admin.v1.Placement\x12)\n\x08proposed\x18\x02 \x01(\x0b\x32\x17.moe.admin.v1.Placement\x12\r\n\x05moves\x18\x03 \x01(\x05\x12\x1c\n\x14\x62\x61lancedness_current\x18\x04 \x03(\x01\x12\x1d\n\x15\x62\x61lancedness_proposed\x18\x05 \x03(\x01\x12,\n\x07\x63hanges\x18\x06 \x03(\x0b\x32\x1b.moe.admin.v1.ReplicaChange\"I\n\x0c\x41pplyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\tplacement\x18\x02 \x01(\x0b\x32\x17.moe.admin.v1.Placement\"0\n\x10RebalanceRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\x32\x8a\x03\n\x0c\x41\x64minService\x12\x42\n\x07GetLoad\x12\x19.moe.admin.v1.LoadRequest\x1a\x1a.moe.admin.v1.LoadResponse\"\x00\x12Q\n\x0cGetPlacement\x12\x1e.moe.admin.v1.PlacementRequest\x1a\x1f.moe.admin.v1.PlacementResponse\"\x00\x12H\n\rPlanPlacement\x12\x19.moe.admin.v1.PlanRequest\x1a\x1a.moe.admin.v1.PlanResponse\"\x00\x12L\n\x0e\x41pplyPlacement\x12\x1a.moe.admin.v1.ApplyRequest\x1a\x1c.moe.admin.v1.RebalanceEvent\"\x00\x12K\n\tRebalance\x12\x1e.moe.admin.v1.RebalanceRequest\x1a\x1c.moe.admin.v1.RebalanceEvent\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,21 +46,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REBALANCEEVENT']._serialized_start=475
   _globals['_REBALANCEEVENT']._serialized_end=694
   _globals['_LOADRESPONSE']._serialized_start=697
-  _globals['_LOADRESPONSE']._serialized_end=971
-  _globals['_PLACEMENTREQUEST']._serialized_start=973
-  _globals['_PLACEMENTREQUEST']._serialized_end=1006
-  _globals['_PLACEMENTRESPONSE']._serialized_start=1008
-  _globals['_PLACEMENTRESPONSE']._serialized_end=1086
-  _globals['_PLANREQUEST']._serialized_start=1088
-  _globals['_PLANREQUEST']._serialized_end=1130
-  _globals['_REPLICACHANGE']._serialized_start=1132
-  _globals['_REPLICACHANGE']._serialized_end=1194
-  _globals['_PLANRESPONSE']._serialized_start=1197
-  _globals['_PLANRESPONSE']._serialized_end=1418
-  _globals['_APPLYREQUEST']._serialized_start=1420
-  _globals['_APPLYREQUEST']._serialized_end=1493
-  _globals['_REBALANCEREQUEST']._serialized_start=1495
-  _globals['_REBALANCEREQUEST']._serialized_end=1543
-  _globals['_ADMINSERVICE']._serialized_start=1546
-  _globals['_ADMINSERVICE']._serialized_end=1940
+  _globals['_LOADRESPONSE']._serialized_end=999
+  _globals['_PLACEMENTREQUEST']._serialized_start=1001
+  _globals['_PLACEMENTREQUEST']._serialized_end=1034
+  _globals['_PLACEMENTRESPONSE']._serialized_start=1036
+  _globals['_PLACEMENTRESPONSE']._serialized_end=1114
+  _globals['_PLANREQUEST']._serialized_start=1116
+  _globals['_PLANREQUEST']._serialized_end=1158
+  _globals['_REPLICACHANGE']._serialized_start=1160
+  _globals['_REPLICACHANGE']._serialized_end=1222
+  _globals['_PLANRESPONSE']._serialized_start=1225
+  _globals['_PLANRESPONSE']._serialized_end=1446
+  _globals['_APPLYREQUEST']._serialized_start=1448
+  _globals['_APPLYREQUEST']._serialized_end=1521
+  _globals['_REBALANCEREQUEST']._serialized_start=1523
+  _globals['_REBALANCEREQUEST']._serialized_end=1571
+  _globals['_ADMINSERVICE']._serialized_start=1574
+  _globals['_ADMINSERVICE']._serialized_end=1968
 # @@protoc_insertion_point(module_scope)

@@ -80,7 +80,7 @@ class RebalanceEvent(_message.Message):
     def __init__(self, applied: _Optional[bool] = ..., reason: _Optional[str] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., moves: _Optional[int] = ..., balancedness_before: _Optional[float] = ..., balancedness_after: _Optional[float] = ..., duration_s: _Optional[float] = ..., bytes_moved: _Optional[int] = ..., age_s: _Optional[float] = ...) -> None: ...
 
 class LoadResponse(_message.Message):
-    __slots__ = ("model", "layers", "num_experts", "window_s", "window_tokens", "tokens_per_s", "balancedness", "placement_version", "workers", "recent_events")
+    __slots__ = ("model", "layers", "num_experts", "window_s", "window_tokens", "tokens_per_s", "balancedness", "placement_version", "workers", "recent_events", "num_shared_experts")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class LoadResponse(_message.Message):
     PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     RECENT_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARED_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     layers: _containers.RepeatedScalarFieldContainer[int]
     num_experts: int
@@ -101,7 +102,8 @@ class LoadResponse(_message.Message):
     placement_version: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerLoad]
     recent_events: _containers.RepeatedCompositeFieldContainer[RebalanceEvent]
-    def __init__(self, model: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., num_experts: _Optional[int] = ..., window_s: _Optional[float] = ..., window_tokens: _Optional[_Iterable[int]] = ..., tokens_per_s: _Optional[_Iterable[float]] = ..., balancedness: _Optional[_Iterable[float]] = ..., placement_version: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerLoad, _Mapping]]] = ..., recent_events: _Optional[_Iterable[_Union[RebalanceEvent, _Mapping]]] = ...) -> None: ...
+    num_shared_experts: int
+    def __init__(self, model: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., num_experts: _Optional[int] = ..., window_s: _Optional[float] = ..., window_tokens: _Optional[_Iterable[int]] = ..., tokens_per_s: _Optional[_Iterable[float]] = ..., balancedness: _Optional[_Iterable[float]] = ..., placement_version: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerLoad, _Mapping]]] = ..., recent_events: _Optional[_Iterable[_Union[RebalanceEvent, _Mapping]]] = ..., num_shared_experts: _Optional[int] = ...) -> None: ...
 
 class PlacementRequest(_message.Message):
     __slots__ = ("model",)

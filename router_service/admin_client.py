@@ -86,6 +86,7 @@ def load_to_dict(response: admin_pb2.LoadResponse) -> dict:
         workers.append({**entry, "replica_tokens": {str(e): n for e, n in sorted(w.replica_tokens.items())}})
     return {
         "model": response.model, "layers": list(response.layers), "num_experts": response.num_experts,
+        "num_shared_experts": response.num_shared_experts,
         "window_s": response.window_s, "placement_version": response.placement_version,
         "window_tokens": window_tokens(response).tolist(), "tokens_per_s": tokens_per_s(response).tolist(),
         "balancedness": list(response.balancedness), "workers": workers,

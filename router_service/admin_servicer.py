@@ -182,8 +182,13 @@ def _flat(array: np.ndarray) -> list:
     return np.asarray(array).reshape(-1).tolist()
 
 
+def _shared_note(spec: ModelSpec) -> str:
+    return f" = {spec.num_experts} routed + {spec.num_shared_experts} shared" if spec.num_shared_experts else ""
+
+
 def check_load(values: Sequence[float], spec: ModelSpec) -> np.ndarray:
-    """A PlanRequest's flat load as `[L, E]` float64; RequestError (INVALID_ARGUMENT) when it
+    """A PlanRequest's flat routed load as `[L, E]` float64 (the shared experts' follows from
+    it); RequestError (INVALID_ARGUMENT) when it
     has the wrong length or a value that is negative, NaN or infinite."""
     layers, experts = spec.num_moe_layers, spec.num_experts
     if len(values) != layers * experts:
@@ -203,7 +208,8 @@ def check_placement_shape(message: admin_pb2.Placement, spec: ModelSpec, current
     logical experts, the service's workers, rows no longer than a worker could use."""
     if message.num_logical_experts != spec.num_logical_experts:
         raise invalid(f"placement has {message.num_logical_experts} logical experts; the model has "
-                      f"{spec.num_logical_experts} ({spec.num_moe_layers} layers x {spec.num_experts})")
+                      f"{spec.num_logical_experts} ({spec.num_moe_layers} layers x {spec.experts_per_layer}"
+                      f"{_shared_note(spec)})")
     if len(message.workers) != current.num_workers:
         raise invalid(f"placement has {len(message.workers)} workers; the service has {current.num_workers}")
     longest = max(spec.num_logical_experts, *(len(row) for row in current.slots))
@@ -255,6 +261,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 model=admin.name,
                 layers=list(admin.spec.moe_layers),
                 num_experts=admin.spec.num_experts,
+                num_shared_experts=admin.spec.num_shared_experts,
                 window_s=snapshot.window_s,
                 window_tokens=_flat(snapshot.expert_tokens),
                 tokens_per_s=_flat(snapshot.tokens_per_s),

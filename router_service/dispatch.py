@@ -123,19 +123,30 @@ def _replica_of(sorted_expert: np.ndarray, counts: np.ndarray, table: ReplicaTab
 
 
 def plan_dispatch(routing: Routing, moe_index: int, num_experts: int, table: ReplicaTable,
-                  outstanding: np.ndarray | None = None) -> DispatchPlan:
+                  outstanding: np.ndarray | None = None, shared: int = 0) -> DispatchPlan:
     """Group the batch's (token, expert) assignments by worker and logical expert.
 
+    shared: the layer's shared-expert pieces (experts `num_experts ..`, logical stride
+    `num_experts + shared`); every token goes to each of them, weighted by
+    `routing.shared_weights` (or 1), and they count as no routed load (`expert_tokens` is the
+    routed experts' `[E]`).
     outstanding: `[W]` tokens each worker still has in hand; replicated experts' tokens go
     preferably to the replicas with spare capacity (see `_replica_of`). Tokens routed to an
     expert without a live replica are not sent anywhere: they are the plan's `unserved` tokens.
     """
     topk_ids = routing.topk_ids.numpy()
     tokens, k = topk_ids.shape
-    logical = moe_index * num_experts + topk_ids.reshape(-1)  # [T*k]
+    base = moe_index * (num_experts + shared)
+    logical = base + topk_ids.reshape(-1)  # [T*k]
     token_of = np.repeat(np.arange(tokens, dtype=np.int64), k)
     weight_of = routing.topk_weights.numpy().reshape(-1)
-    expert_tokens = np.bincount(logical - moe_index * num_experts, minlength=num_experts)
+    expert_tokens = np.bincount(logical - base, minlength=num_experts)
+    if shared:
+        rows = np.arange(tokens, dtype=np.int64)
+        w = np.ones(tokens, np.float32) if routing.shared_weights is None else routing.shared_weights.numpy()
+        logical = np.concatenate([logical, np.repeat(base + num_experts + np.arange(shared), tokens)])
+        token_of = np.concatenate([token_of, np.tile(rows, shared)])
+        weight_of = np.concatenate([weight_of, np.tile(w.astype(np.float32), shared)])
     return _plan(logical, token_of, weight_of, table, outstanding, expert_tokens)
 
 

@@ -23,7 +23,7 @@ from router_service.dispatch import (
     DispatchPlan, ReplicaTable, WorkerRequest, add_partials, plan_dispatch, plan_retry,
 )
 from router_service.errors import ExpertUnavailable, ServingError, WorkerLost
-from router_service.gate import Routing, softmax_topk_route
+from router_service.gate import GateWeights, Routing, route
 
 
 class ExpertBackend(Protocol):
@@ -81,7 +81,7 @@ class StageTimes:
 class DistributedMoELayer:
     """One model's MoE layers served over expert shard workers.
 
-    gate_weights: `{layer: [E, H] float32}`; placements: the store the router takes one
+    gates: `{layer: GateWeights}`; placements: the store the router takes one
     placement from per batch, and holds until the batch is back (the seam where replication
     and rebalancing plug in).
 
@@ -95,17 +95,17 @@ class DistributedMoELayer:
     def __init__(
         self,
         spec: ModelSpec,
-        gate_weights: dict[int, torch.Tensor],
+        gates: dict[int, GateWeights],
         placements: PlacementStore,
         backend: ExpertBackend,
         max_retries: int = 1,
         max_worker_inflight_tokens: int | None = None,
     ):
-        missing = [layer for layer in spec.moe_layers if layer not in gate_weights]
+        missing = [layer for layer in spec.moe_layers if layer not in gates]
         if missing:
             raise ValueError(f"gate weights missing for MoE layers {missing}")
         self.spec = spec
-        self._gates = {layer: w.float().contiguous() for layer, w in gate_weights.items()}
+        self._gates = {layer: gate.float() for layer, gate in gates.items()}
         self._placements = placements
         self.outstanding = np.zeros(placements.current.num_workers, dtype=np.int64)  # tokens in workers
         self._backend = backend
@@ -131,9 +131,9 @@ class DistributedMoELayer:
         await self._wait_for_room()
         with self._placements.use() as placement:
             t0 = time.thread_time()
-            routing = softmax_topk_route(hidden, self._gates[layer], self.spec.top_k, self.spec.norm_topk_prob)  # score
-            plan = plan_dispatch(routing, moe_index, self.spec.num_experts,
-                                 self._replica_table(placement), self.outstanding)  # plan
+            routing = route(hidden, self._gates[layer], self.spec.gate, self.spec.top_k)  # score
+            plan = plan_dispatch(routing, moe_index, self.spec.num_experts, self._replica_table(placement),
+                                 self.outstanding, self.spec.num_shared_experts)  # plan
             shared_x = self._backend.share(hidden.numpy())  # scatter
             out = torch.zeros_like(hidden)
             failed = np.zeros(hidden.shape[0], dtype=bool)
@@ -172,8 +172,7 @@ class DistributedMoELayer:
         if not plan.unserved_tokens.size:
             return None
         failed[plan.unserved_tokens] = True
-        E = self.spec.num_experts
-        return ExpertUnavailable([(self.spec.moe_layers[g // E], g % E) for g in plan.unserved_experts.tolist()])
+        return ExpertUnavailable([self.spec.layer_expert(g) for g in plan.unserved_experts.tolist()])
 
     async def _send(self, shared_x, requests) -> tuple[list, list]:
         """Run `requests` on their workers at once: ([(request, output)], [(request, WorkerLost)]).

@@ -105,6 +105,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         params["family"].string_param = spec.family
         params["num_experts"].int64_param = spec.num_experts
         params["top_k"].int64_param = spec.top_k
+        params["num_shared_experts"].int64_param = spec.num_shared_experts  # pieces served beside the routed
+        params["gate"].string_param = spec.gate.scoring + (" group-limited" if spec.gate.grouped else "")
         return response
 
     async def ModelInfer(self, request, context):

@@ -1,5 +1,5 @@
-"""Where expert and gate weights come from: a Hugging Face checkpoint on disk (Mixtral or
-Qwen3-MoE layout, see `workers.hf_layouts`), or a seeded random model.
+"""Where expert and gate weights come from: a Hugging Face checkpoint on disk (Mixtral,
+Qwen2/3-MoE or DeepSeek-V2/V3 layout, see `workers.hf_layouts`), or a seeded random model.
 
 Both sources implement `WeightSource`. They are small, picklable values (paths and a key -> file
 map, or a spec and a seed) so the driver can build one and send it to every expert-shard worker;
@@ -9,8 +9,11 @@ float32 on the CPU; callers move them to their device.
 An expert is a SwiGLU MLP, `w2(silu(w1 x) * w3 x)`; a Mixtral checkpoint stores it as
 `model.layers.{l}.block_sparse_moe.experts.{e}.w{1,2,3}.weight`, next to the router's
 `model.layers.{l}.block_sparse_moe.gate.weight` (Qwen3-MoE: `mlp.experts.{e}.gate_proj/up_proj/
-down_proj`, `mlp.gate`). Only these tensors are read; the rest of the checkpoint (attention,
-norms, embeddings, dense MLPs) is ignored.
+down_proj`, `mlp.gate`). Shared experts (Qwen2-MoE `mlp.shared_expert`, DeepSeek
+`mlp.shared_experts`) are one MLP per layer; it is served as `spec.num_shared_experts` pieces of
+the routed experts' size, cut along its intermediate dimension (`shared_piece`). Only these
+tensors are read; the rest of the checkpoint (attention, norms, embeddings, dense MLPs) is
+ignored.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import math
 import operator
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -30,12 +33,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from cluster.model_spec import ModelSpec
+from cluster.model_spec import GateSpec
+from router_service.gate import GateWeights
 from workers.hf_layouts import BY_FAMILY, MIXTRAL, Layout, layout_for
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 PROJECTIONS = ("w1", "w2", "w3")
+SHARED = {"w1": "s1", "w2": "s2", "w3": "s3"}  # our projection -> its kind in the shared MLP
+SILU = ("silu", "swish")
 _RANDOM_VOCAB_SIZE = 32
 
 Progress = Callable[[int], None]
@@ -92,6 +99,10 @@ class WeightSource(Protocol):
         """Router weight of `layer`: [E, H], float32."""
         ...
 
+    def gate(self, layer: int) -> GateWeights:
+        """Every router tensor of `layer` that the model's gate uses."""
+        ...
+
     def experts(
         self, pairs: Sequence[tuple[int, int]], progress: Progress | None = None
     ) -> Iterator[tuple[tuple[int, int], ExpertWeights]]:
@@ -111,9 +122,10 @@ def _check_pairs(spec: ModelSpec, pairs: Sequence[tuple[int, int]]) -> list[tupl
         except (TypeError, ValueError):
             raise ValueError(f"expected (layer, expert) pairs of integers, got {pair!r}") from None
         spec.moe_index(layer)
-        if not 0 <= expert < spec.num_experts:
+        if not 0 <= expert < spec.experts_per_layer:
+            shared = f" ({spec.num_shared_experts} shared after them)" if spec.num_shared_experts else ""
             raise ValueError(
-                f"expert {expert} of layer {layer} is out of range 0..{spec.num_experts - 1}"
+                f"expert {expert} of layer {layer} is out of range 0..{spec.experts_per_layer - 1}{shared}"
             )
         checked.append((layer, expert))
     return checked
@@ -132,26 +144,51 @@ def _produce(
         yield (layer, expert), weights
 
 
-def _expected_shape(spec: ModelSpec, projection: str) -> tuple[int, int]:
-    """Shape of a router weight ("gate") or an expert matrix ("w1", "w2", "w3") under `spec`."""
-    hidden, inter = spec.hidden_size, spec.intermediate_size
-    if projection == "gate":
-        return (spec.num_experts, hidden)
-    return (hidden, inter) if projection == "w2" else (inter, hidden)
+def _expected_shape(spec: ModelSpec, kind: str) -> tuple[int, ...]:
+    """Shape of a router tensor ("gate", "bias", "shared_gate"), an expert matrix ("w1", "w2",
+    "w3") or a shared-MLP matrix ("s1", "s2", "s3") under `spec`."""
+    hidden = spec.hidden_size
+    fixed = {"gate": (spec.num_experts, hidden), "bias": (spec.num_experts,), "shared_gate": (1, hidden)}
+    if kind in fixed:
+        return fixed[kind]
+    inter = spec.shared_intermediate_size if kind.startswith("s") else spec.intermediate_size
+    return (hidden, inter) if kind[1] == "2" else (inter, hidden)
 
 
 def _required_keys(spec: ModelSpec, layout: Layout) -> dict[str, str]:
-    """Every MoE tensor the checkpoint must hold: key -> "gate" or our projection name."""
+    """Every MoE tensor the checkpoint must hold: key -> its kind (see `_expected_shape`)."""
     keys = {}
     for layer in spec.moe_layers:
         keys[layout.gate_key(layer)] = "gate"
+        if spec.gate.correction_bias:
+            keys[layout.correction_bias_key(layer)] = "bias"
+        if spec.gate.shared_gate:
+            keys[layout.shared_gate_key(layer)] = "shared_gate"
         keys.update({layout.expert_key(layer, e, p): p for e in range(spec.num_experts) for p in PROJECTIONS})
+        if spec.num_shared_experts:
+            keys.update({layout.shared_key(layer, p): SHARED[p] for p in PROJECTIONS})
     return keys
 
 
+def shared_piece(spec: ModelSpec, shared: ExpertWeights, piece: int) -> ExpertWeights:
+    """Piece `piece` of a layer's shared MLP (`[Fs, H]`, `[H, Fs]`, `[Fs, H]`) as an expert of
+    `intermediate_size` F: rows `piece*F ..` of w1 and w3, the same columns of w2. A SwiGLU MLP
+    is a sum over its intermediate units, so the pieces add up to the whole; the last one is
+    zero-padded, and zero units add exactly 0 (silu(0) * 0)."""
+    inter = spec.intermediate_size
+    lo, hi = piece * inter, min((piece + 1) * inter, shared.w1.shape[0])
+    pad = inter - (hi - lo)
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(t[lo:hi], (0, 0, 0, pad)).contiguous()
+
+    w2 = torch.nn.functional.pad(shared.w2[:, lo:hi], (0, pad)).contiguous()
+    return ExpertWeights(w1=rows(shared.w1), w2=w2, w3=rows(shared.w3))
+
+
 class HFCheckpoint:
-    """A Hugging Face checkpoint directory (Mixtral or Qwen3-MoE layout), read lazily with
-    safetensors.
+    """A Hugging Face checkpoint directory (any layout of `workers.hf_layouts`), read lazily
+    with safetensors.
 
     Construction reads config.json and the tensor index (never tensor data) and checks that
     every gate and expert tensor is present. Holds only the directory and a key -> file map,
@@ -180,22 +217,41 @@ class HFCheckpoint:
         self.spec.moe_index(layer)
         return self._read({}, self.layout.gate_key(layer), "gate")
 
+    def gate(self, layer: int) -> GateWeights:
+        """The router weight of `layer`, and its correction bias and shared-expert gate where
+        the family has them."""
+        self.spec.moe_index(layer)
+        handles: dict[str, Any] = {}
+        layout, gate = self.layout, self.spec.gate
+        return GateWeights(
+            self._read(handles, layout.gate_key(layer), "gate"),
+            self._read(handles, layout.correction_bias_key(layer), "bias") if gate.correction_bias else None,
+            self._read(handles, layout.shared_gate_key(layer), "shared_gate") if gate.shared_gate else None,
+        )
+
     def experts(
         self, pairs: Sequence[tuple[int, int]], progress: Progress | None = None
     ) -> Iterator[tuple[tuple[int, int], ExpertWeights]]:
-        """Yield `((layer, expert), ExpertWeights)` for `pairs`, in order; reads nothing else."""
+        """Yield `((layer, expert), ExpertWeights)` for `pairs`, in order (experts from
+        `num_experts` on are shared-MLP pieces); reads nothing else."""
         checked = _check_pairs(self.spec, pairs)
         handles: dict[str, Any] = {}  # file name -> open safetensors handle, for this call only
+        shared: dict[int, ExpertWeights] = {}  # layer -> its whole shared MLP, for this call only
 
         def read(layer: int, expert: int) -> ExpertWeights:
+            if expert >= self.spec.num_experts:
+                if layer not in shared:
+                    shared[layer] = ExpertWeights(**{
+                        p: self._read(handles, self.layout.shared_key(layer, p), SHARED[p]) for p in PROJECTIONS})
+                return shared_piece(self.spec, shared[layer], expert - self.spec.num_experts)
             keys = {p: self.layout.expert_key(layer, expert, p) for p in PROJECTIONS}
             return ExpertWeights(**{p: self._read(handles, key, p) for p, key in keys.items()})
 
         return _produce(checked, read, progress)
 
     def _read(self, handles: dict[str, Any], key: str, kind: str) -> torch.Tensor:
-        """Read one tensor (`kind`: "gate", "w1", "w2" or "w3") as float32, checking its
-        shape; `handles` caches open files."""
+        """Read one tensor (`kind`: see `_expected_shape`) as float32, checking its shape;
+        `handles` caches open files."""
         name = self._files[key]
         path = self.root / name
         if name not in handles:
@@ -259,6 +315,10 @@ def _read_config(path: Path) -> ModelSpec:
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     experts_key = next((k for k in layout.num_experts_keys if config.get(k) is not None), layout.num_experts_keys[0])
+    act = config.get("hidden_act", "silu")
+    if act not in SILU:
+        raise CheckpointError(f"{path}: key 'hidden_act' is {act!r}; the experts are served as SwiGLU "
+                              f"MLPs, which need {' or '.join(map(repr, SILU))}")
     keys = {"hidden_size": "hidden_size", layout.intermediate_key: "intermediate_size",
             "num_hidden_layers": "num_hidden_layers", experts_key: "num_experts",
             "num_experts_per_tok": "top_k"}
@@ -278,8 +338,17 @@ def _read_config(path: Path) -> ModelSpec:
     moe_layers = tuple(layer for layer in range(values["num_hidden_layers"]) if layout.moe_layer(layer, config))
     if not moe_layers:
         raise CheckpointError(f"{path}: no layer has an MoE block (a dense model); nothing to serve")
-    return ModelSpec(moe_layers=moe_layers, norm_topk_prob=layout.norm_topk_prob(config), family=layout.family,
-                     **values)
+    shared = 0
+    if layout.shared_size is not None:
+        shared = layout.shared_size(config)
+        if not isinstance(shared, int) or isinstance(shared, bool) or shared < 0:
+            raise CheckpointError(f"{path}: the shared experts' size must be an integer >= 0, got {shared!r}")
+    try:
+        gate = replace(layout.gate_spec(config), shared_gate=layout.shared_gate is not None and shared > 0)
+        return ModelSpec(moe_layers=moe_layers, gate=gate, shared_intermediate_size=shared, family=layout.family,
+                         **values)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
 
 
 def _key_files(root: Path, required: list[str]) -> dict[str, str]:
@@ -370,11 +439,33 @@ class RandomModel:
         shape = (self.spec.num_experts, self.spec.hidden_size)
         return _normal(shape, self.spec.hidden_size, _generator(self.seed, "gate", layer))
 
+    def gate(self, layer: int) -> GateWeights:
+        """The router weight, plus a small random correction bias and shared-expert gate where
+        `spec.gate` uses them."""
+        weight = self.gate_weight(layer)
+        hidden, gate = self.spec.hidden_size, self.spec.gate
+        bias = shared_gate = None
+        if gate.correction_bias:
+            bias = 0.1 * torch.randn(self.spec.num_experts, generator=_generator(self.seed, "bias", layer))
+        if gate.shared_gate:
+            shared_gate = _normal((1, hidden), hidden, _generator(self.seed, "shared_gate", layer))
+        return GateWeights(weight, bias, shared_gate)
+
     def expert(self, layer: int, expert: int) -> ExpertWeights:
-        """One expert's weights: w1, w3: [F, H]; w2: [H, F]."""
+        """One expert's weights: w1, w3: [F, H]; w2: [H, F] (a shared-MLP piece from
+        `num_experts` on)."""
         ((layer, expert),) = _check_pairs(self.spec, [(layer, expert)])
-        hidden, inter = self.spec.hidden_size, self.spec.intermediate_size
-        gen = _generator(self.seed, "expert", layer, expert)
+        if expert >= self.spec.num_experts:
+            return shared_piece(self.spec, self.shared(layer), expert - self.spec.num_experts)
+        return self._swiglu(self.spec.intermediate_size, _generator(self.seed, "expert", layer, expert))
+
+    def shared(self, layer: int) -> ExpertWeights:
+        """The whole shared MLP of `layer`: `[Fs, H]`, `[H, Fs]`, `[Fs, H]`."""
+        self.spec.moe_index(layer)
+        return self._swiglu(self.spec.shared_intermediate_size, _generator(self.seed, "shared", layer))
+
+    def _swiglu(self, inter: int, gen: torch.Generator) -> ExpertWeights:
+        hidden = self.spec.hidden_size
         w1 = _normal((inter, hidden), hidden, gen)
         w3 = _normal((inter, hidden), hidden, gen)
         w2 = _normal((hidden, inter), inter, gen)
@@ -439,6 +530,9 @@ class RandomModel:
 
 def _prepare_output(spec: ModelSpec, root: Path, shards: int, dtype: torch.dtype) -> Path:
     """Check the arguments of `save_mixtral_checkpoint` and create the (empty) directory."""
+    if spec.num_shared_experts or spec.gate != GateSpec():
+        raise ValueError("a Mixtral checkpoint has no shared experts and Mixtral's own gate; "
+                         f"got {spec.num_shared_experts} shared experts and {spec.gate}")
     if spec.moe_layers != tuple(range(spec.num_hidden_layers)):
         raise ValueError(
             f"a Mixtral checkpoint has an MoE block in every layer, but moe_layers="
@@ -478,7 +572,7 @@ def open_weights(
     if (checkpoint is None) == (random_spec is None):
         given = "both" if checkpoint is not None else "neither"
         raise ValueError(
-            "give exactly one of checkpoint (a Mixtral checkpoint directory) or random_spec "
+            "give exactly one of checkpoint (a Hugging Face checkpoint directory) or random_spec "
             f"(a ModelSpec for random weights); got {given}"
         )
     if checkpoint is not None:

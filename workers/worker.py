@@ -31,7 +31,7 @@ MAX_SKIPS = 4096  # skipped call ids remembered
 class ExpertWorker:
     """Hosts expert replicas and runs them on the tokens the router sends.
 
-    Replicas are keyed by global logical expert id (`moe_index * num_experts + e`, see
+    Replicas are keyed by global logical expert id (`moe_index * experts_per_layer + e`, see
     `cluster.placement`); each is `(w13 [2F, H], w2 [H, F])`. A worker holds at most one replica
     of a logical expert; during a migration it briefly holds new replicas beside old ones.
     """
@@ -69,9 +69,8 @@ class ExpertWorker:
 
     def load(self, experts: list[int]) -> int:
         """Load replicas of logical experts `experts` from the weight source; returns bytes."""
-        E = self.spec.num_experts
         todo = sorted(set(int(g) for g in experts) - set(self._experts))
-        pairs = [(self.spec.moe_layers[g // E], g % E) for g in todo]
+        pairs = [self.spec.layer_expert(g) for g in todo]
         loaded = 0
         for logical, (_, w) in zip(todo, self._weights.experts(pairs)):
             self._install(logical, w.w1, w.w3, w.w2)

@@ -66,7 +66,7 @@ def model() -> RandomModel:
 def _layer(model: RandomModel, rows, **options) -> tuple[DistributedMoELayer, InProcessBackend]:
     placement = Placement.from_mapping(0, SPEC.num_logical_experts, rows)
     backend = InProcessBackend(model, placement)
-    gates = {0: model.gate_weight(0)}
+    gates = {0: model.gate(0)}
     return DistributedMoELayer(SPEC, gates, PlacementStore(placement), backend, **options), backend
 
 

@@ -1,0 +1,102 @@
+"""`moe-serve verify CHECKPOINT`: run the checkpoint's whole model with `transformers`, alone and
+with its MoE blocks served (see `cluster.verify`), and say whether they agree.
+
+Without `--address` it serves the checkpoint itself on an embedded Ray for the check; with one
+it checks a router already serving the same checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+from rich.table import Table
+
+from cluster.console import console
+from cluster.model_spec import ModelSpec
+from cluster.verify import LOGIT_REL_TOL, VerifyReport, load_hf_model, verify
+
+
+def add_verify_parser(sub, client_options) -> None:
+    p = sub.add_parser("verify", help="check the served MoE layers against transformers: greedy tokens and logits")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="Hugging Face checkpoint directory")
+    p.add_argument("--address", help="router already serving CHECKPOINT (host:port); default: serve it here")
+    p.add_argument("--model", default="moe", help="model name at --address (default: moe)")
+    p.add_argument("--workers", type=int, default=2, help="expert shard workers when serving here")
+    p.add_argument("--new-tokens", type=int, default=16, help="greedy tokens to generate per prompt")
+    p.add_argument("--prompt-tokens", type=int, default=8, help="random prompt length")
+    p.add_argument("--batch", type=int, default=2, help="prompts generated together")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    client_options(p)
+
+
+def cmd_verify(args, credentials) -> int:
+    from workers.weights import HFCheckpoint
+
+    spec = HFCheckpoint(args.checkpoint).spec
+    console.print(f"verifying {args.checkpoint}: {spec.family}, MoE layers {spec.describe_layers()}, dense "
+                  f"{spec.describe_dense_layers()}, {spec.num_experts} routed + {spec.num_shared_experts} shared "
+                  "experts per layer", highlight=False)
+    model = load_hf_model(args.checkpoint)
+    options = {"new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "batch": args.batch, "seed": args.seed}
+    if args.address:
+        report = _against(args.address, args.model, credentials, model, spec, options)
+    else:
+        report = _serve_and_verify(args.checkpoint, args.workers, model, spec, options)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        console.print(report_table(report))
+    return 0 if report.ok else 1
+
+
+def _against(address: str, name: str, credentials, model, spec: ModelSpec, options: dict) -> VerifyReport:
+    from router_service.client import MoEClient
+
+    with MoEClient(address, credentials=credentials) as client:
+        client.wait_ready(30)
+        served = client.model_metadata(name, timeout_s=30).parameters
+        if "moe_layers" in served and served["moe_layers"].string_param != spec.describe_layers():
+            raise ValueError(f"model {name!r} at {address} serves MoE layers {served['moe_layers'].string_param}, "
+                             f"the checkpoint has {spec.describe_layers()}: not the same model")
+        return verify(model, spec, client, name, **options)
+
+
+def _serve_and_verify(checkpoint: str, workers: int, model, spec: ModelSpec, options: dict) -> VerifyReport:
+    from cluster.config import ServeConfig
+    from cluster.console import load_progress
+    from cluster.launcher import connect_ray, deploy
+
+    config = ServeConfig().with_overrides(**{
+        "model.checkpoint": os.path.abspath(checkpoint), "router.port": 0, "workers.count": workers})
+    connect_ray(config.ray, num_cpus=max(2, os.cpu_count() or 2))
+
+    async def run() -> VerifyReport:
+        with load_progress() as progress:
+            deployment = await deploy(config, progress)
+        try:
+            return await asyncio.to_thread(_against, deployment.address, config.model.name, None, model, spec, options)
+        finally:
+            await deployment.stop(grace_s=2.0)
+
+    return asyncio.run(run())
+
+
+def report_table(report: VerifyReport) -> Table:
+    verdict = "[green]PASS[/]" if report.ok else "[red]FAIL[/]"
+    table = Table(title=f"verify {report.family}: {verdict}", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    mismatch = "none" if report.first_mismatch is None else f"at new token {report.first_mismatch}"
+    rows = {
+        "greedy tokens": f"{report.batch} x {report.new_tokens} after {report.prompt_tokens}-token prompts",
+        "same tokens as transformers": "yes" if report.tokens_equal else f"no ({mismatch})",
+        "max |logit difference|": f"{report.max_abs_logit_err:.2e}",
+        "relative logit error": f"{report.rel_logit_err:.2e} (pass < {LOGIT_REL_TOL:.0e})",
+        "MoE requests served": str(report.moe_calls),
+        "generation time": f"{report.reference_s:.2f}s transformers, {report.served_s:.2f}s served",
+    }
+    for key, value in rows.items():
+        table.add_row(key, value)
+    return table
