@@ -19,8 +19,13 @@ class WorkerLost(ServingError):
 class ExpertUnavailable(ServingError):
     """Tokens routed to logical experts that have no live replica right now."""
 
-    def __init__(self, experts: list[tuple[int, int]]):
-        names = ", ".join(f"expert {e} of layer {layer}" for layer, e in experts[:8])
+    def __init__(self, experts: list[tuple[int, int]], num_routed: int | None = None):
+        """experts: (layer, expert) pairs; from `num_routed` on they are shared-expert pieces."""
+        def name(layer: int, e: int) -> str:
+            if num_routed is not None and e >= num_routed:
+                return f"shared expert piece {e - num_routed} of layer {layer}"
+            return f"expert {e} of layer {layer}"
+        names = ", ".join(name(layer, e) for layer, e in experts[:8])
         more = f" and {len(experts) - 8} more" if len(experts) > 8 else ""
         super().__init__(
             f"{names}{more} has no live replica: its worker was lost and is being replaced; retry shortly"

@@ -172,7 +172,8 @@ class DistributedMoELayer:
         if not plan.unserved_tokens.size:
             return None
         failed[plan.unserved_tokens] = True
-        return ExpertUnavailable([self.spec.layer_expert(g) for g in plan.unserved_experts.tolist()])
+        return ExpertUnavailable([self.spec.layer_expert(g) for g in plan.unserved_experts.tolist()],
+                                 self.spec.num_experts)
 
     async def _send(self, shared_x, requests) -> tuple[list, list]:
         """Run `requests` on their workers at once: ([(request, output)], [(request, WorkerLost)]).
