@@ -16,6 +16,7 @@ import workers.weights as weights_module
 from cluster.model_spec import ModelSpec
 from workers.weights import (
     INDEX_FILE,
+    SINGLE_FILE,
     CheckpointError,
     ExpertWeights,
     HFCheckpoint,
@@ -469,3 +470,91 @@ def test_several_files_without_index_are_read_by_their_key_lists(sharded):
 
     (_, got), = ckpt.experts([(0, 1)])
     assert_experts_equal(got, RandomModel(SPEC, seed=1).expert(0, 1))
+
+
+# --- Qwen2-MoE and DeepSeek checkpoints: shared experts, correction bias, shared gate --------
+
+
+def _family_checkpoint(tmp_path: Path, family: str) -> Path:
+    """A tiny checkpoint saved by transformers itself for `family`."""
+    transformers = pytest.importorskip("transformers")
+    small = dict(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 moe_intermediate_size=16)
+    if family == "qwen2_moe":
+        config = transformers.Qwen2MoeConfig(**small, shared_expert_intermediate_size=40, num_experts=4,
+                                             num_experts_per_tok=2, num_key_value_heads=2)
+    else:
+        config = transformers.DeepseekV3Config(**small, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=2,
+                                               num_experts_per_tok=2, first_k_dense_replace=1, n_group=4, topk_group=2,
+                                               kv_lora_rank=8, q_lora_rank=None, qk_rope_head_dim=4,
+                                               qk_nope_head_dim=4, v_head_dim=8)
+    torch.manual_seed(0)
+    path = tmp_path / family
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return path
+
+
+def _rewrite(path: Path, edit) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / SINGLE_FILE))
+    edit(tensors)
+    save_file(tensors, str(path / SINGLE_FILE), metadata={"format": "pt"})
+
+
+def test_qwen2_moe_spec_shared_expert_and_its_gate(tmp_path):
+    path = _family_checkpoint(tmp_path, "qwen2_moe")
+    ckpt = HFCheckpoint(path)
+    spec = ckpt.spec
+    assert (spec.family, spec.shared_intermediate_size, spec.num_shared_experts, spec.experts_per_layer) == (
+        "qwen2_moe", 40, 3, 7)  # 40 = 16 + 16 + 8, the last piece zero-padded
+    assert spec.gate.shared_gate and not spec.gate.correction_bias
+    gate = ckpt.gate(1)
+    assert gate.shared_gate.shape == (1, 32) and gate.correction_bias is None
+    last = dict(ckpt.experts([(1, 6)]))[(1, 6)]
+    assert last.w1.shape == (16, 32) and (last.w1[8:] == 0).all() and (last.w2[:, 8:] == 0).all()
+
+
+def test_deepseek_v3_spec_dense_first_layer_and_correction_bias(tmp_path):
+    path = _family_checkpoint(tmp_path, "deepseek_v3")
+    spec = HFCheckpoint(path).spec
+    assert (spec.moe_layers, spec.dense_layers, spec.num_shared_experts) == ((1,), (0,), 2)
+    assert (spec.gate.scoring, spec.gate.n_group, spec.gate.topk_group, spec.gate.correction_bias) == (
+        "sigmoid", 4, 2, True)
+    assert HFCheckpoint(path).gate(1).correction_bias.shape == (8,)
+
+
+@pytest.mark.parametrize(("family", "key"), [
+    ("deepseek_v3", "model.layers.1.mlp.gate.e_score_correction_bias"),
+    ("deepseek_v3", "model.layers.1.mlp.shared_experts.up_proj.weight"),
+    ("qwen2_moe", "model.layers.0.mlp.shared_expert_gate.weight"),
+])
+def test_a_missing_shared_or_gate_tensor_is_named(tmp_path, family, key):
+    path = _family_checkpoint(tmp_path, family)
+    _rewrite(path, lambda tensors: tensors.pop(key))
+    with pytest.raises(CheckpointError, match=f"tensor '{key}' not found"):
+        HFCheckpoint(path)
+
+
+def test_a_shared_expert_of_the_wrong_size_is_refused_at_read(tmp_path):
+    path = _family_checkpoint(tmp_path, "qwen2_moe")
+    key = "model.layers.1.mlp.shared_expert.gate_proj.weight"
+    _rewrite(path, lambda tensors: tensors.update({key: torch.zeros(48, 32)}))
+    with pytest.raises(CheckpointError, match=r"has shape \[48, 32\], expected \[40, 32\]"):
+        list(HFCheckpoint(path).experts([(1, 4)]))
+
+
+@pytest.mark.parametrize(("edit", "words"), [
+    (lambda c: c.update(hidden_act="gelu"), ["hidden_act", "gelu", "silu"]),
+    (lambda c: c.update(n_group=3), ["n_group", "8", "3"]),
+    (lambda c: c.update(topk_group=5), ["topk_group", "n_group"]),
+    (lambda c: c.update(architectures=["GraniteMoeForCausalLM"]), ["GraniteMoeForCausalLM", "not supported",
+                                                                    "DeepseekV3ForCausalLM"]),
+])
+def test_bad_family_configs_are_refused_naming_the_key(tmp_path, edit, words):
+    path = _family_checkpoint(tmp_path, "deepseek_v3")
+    edit_json(path / "config.json", edit)
+    with pytest.raises(CheckpointError) as caught:
+        HFCheckpoint(path)
+    assert all(w in str(caught.value) for w in words), str(caught.value)
+    assert "config.json" in str(caught.value)
