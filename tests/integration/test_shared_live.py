@@ -12,7 +12,7 @@ import pytest
 
 from cluster.console import placement_table
 from tests.integration.support import MARKS, LoadDriver, run_on, serve_config
-from tests.integration.test_hf_families import CASES, _tiny_model
+from workers.tiny_models import BY_NAME
 
 pytestmark = MARKS
 pytest.importorskip("transformers")
@@ -20,9 +20,8 @@ pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def deepseek(deploy_served, tmp_path_factory):
-    case = next(c for c in CASES if c.family == "deepseek_v3")
     path = tmp_path_factory.mktemp("deepseek-v3-live")
-    _tiny_model(case).save_pretrained(path)
+    BY_NAME["deepseek-v3"].save(path)
     start, stop = deploy_served
     served = start(serve_config("it-shared-live", checkpoint=str(path), workers=3))
     yield served

@@ -12,18 +12,14 @@ import pytest
 from cluster.cli import main
 from tests.integration.support import MARKS, serve_config
 from tests.integration.test_cli import MOE_SERVE, _env
-from tests.integration.test_hf_families import CASES, _tiny_model
+from workers.tiny_models import BY_NAME
 
 pytestmark = MARKS
 pytest.importorskip("transformers")
 
-DEEPSEEK_V3 = next(c for c in CASES if c.family == "deepseek_v3")
-
-
 def _checkpoint(root: Path, seed: int) -> Path:
     path = root / f"deepseek-v3-seed{seed}"
-    model = _tiny_model(DEEPSEEK_V3.__class__(**{**DEEPSEEK_V3.__dict__, "seed": seed}))
-    model.save_pretrained(path)
+    BY_NAME["deepseek-v3"].with_seed(seed).save(path)
     return path
 
 
