@@ -115,8 +115,7 @@ class ModelAdmin:
         if placement.num_logical_experts != current.num_logical_experts:
             raise ValueError(
                 f"placement has {placement.num_logical_experts} logical experts; model '{self.name}' "
-                f"has {current.num_logical_experts} ({self.spec.num_moe_layers} layers x {self.spec.experts_per_layer}"
-                f"{_shared_note(self.spec)})"
+                f"has {current.num_logical_experts} ({self.spec.describe_shape()})"
             )
         if placement.num_workers != current.num_workers:
             raise ValueError(f"placement has {placement.num_workers} workers; the service has {current.num_workers}")
@@ -132,7 +131,3 @@ class ModelAdmin:
     async def rebalance(self, force: bool = False) -> RebalanceEvent:
         return await self._controller.check(force=force, explain=True)
 
-
-def _shared_note(spec) -> str:
-    """How the experts per layer split, when some are shared: `" = 8 routed + 2 shared"`."""
-    return f" = {spec.num_experts} routed + {spec.num_shared_experts} shared" if spec.num_shared_experts else ""

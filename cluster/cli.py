@@ -113,7 +113,7 @@ async def _serve(config: ServeConfig) -> None:
     spec = deployment.weights.spec
     console.print(
         f"serving model [bold]{config.model.name}[/] on [bold]{deployment.address}[/]: "
-        f"{spec.num_moe_layers} MoE layers x {spec.num_experts} experts over "
+        f"{spec.family}, {spec.describe_shape()} over "
         f"{config.workers.count} workers, placement v{deployment.placement.version}. "
         f"SIGTERM or Ctrl-C drains and stops.", highlight=False,
     )

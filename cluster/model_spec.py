@@ -190,6 +190,11 @@ class ModelSpec:
         """The dense layers as short ranges, or "none"."""
         return _ranges(self.dense_layers)
 
+    def describe_shape(self) -> str:
+        """`"2 layers x 8 experts"`, or `"2 layers x 10 experts (8 routed + 2 shared)"`."""
+        shared = f" ({self.num_experts} routed + {self.num_shared_experts} shared)" if self.num_shared_experts else ""
+        return f"{self.num_moe_layers} layers x {self.experts_per_layer} experts{shared}"
+
     def expert_label(self, logical: int) -> str:
         """`layer:expert` of a logical expert, `layer:s0` for a shared piece."""
         return expert_label(logical, self.moe_layers, self.num_experts, self.num_shared_experts)

@@ -182,10 +182,6 @@ def _flat(array: np.ndarray) -> list:
     return np.asarray(array).reshape(-1).tolist()
 
 
-def _shared_note(spec: ModelSpec) -> str:
-    return f" = {spec.num_experts} routed + {spec.num_shared_experts} shared" if spec.num_shared_experts else ""
-
-
 def check_load(values: Sequence[float], spec: ModelSpec) -> np.ndarray:
     """A PlanRequest's flat routed load as `[L, E]` float64 (the shared experts' follows from
     it); RequestError (INVALID_ARGUMENT) when it
@@ -208,8 +204,7 @@ def check_placement_shape(message: admin_pb2.Placement, spec: ModelSpec, current
     logical experts, the service's workers, rows no longer than a worker could use."""
     if message.num_logical_experts != spec.num_logical_experts:
         raise invalid(f"placement has {message.num_logical_experts} logical experts; the model has "
-                      f"{spec.num_logical_experts} ({spec.num_moe_layers} layers x {spec.experts_per_layer}"
-                      f"{_shared_note(spec)})")
+                      f"{spec.num_logical_experts} ({spec.describe_shape()})")
     if len(message.workers) != current.num_workers:
         raise invalid(f"placement has {len(message.workers)} workers; the service has {current.num_workers}")
     longest = max(spec.num_logical_experts, *(len(row) for row in current.slots))

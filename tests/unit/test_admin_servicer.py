@@ -250,7 +250,7 @@ BAD_PLACEMENTS = [
     pytest.param(_with(_round_robin_rows(), 1, 4, N), N, "outside 0..7", id="expert-id-out-of-range"),
     pytest.param(_with(_round_robin_rows(), 1, 4, -2), N, "outside 0..7", id="negative-expert-id"),
     pytest.param([], N, "placement has 0 workers; the service has 2", id="no-workers"),
-    pytest.param(_round_robin_rows(), 0, "placement has 0 logical experts; the model has 8 (2 layers x 4)",
+    pytest.param(_round_robin_rows(), 0, "placement has 0 logical experts; the model has 8 (2 layers x 4 experts)",
                  id="zero-experts"),
     pytest.param(_round_robin_rows(), 2**31 - 1, "placement has 2147483647 logical experts", id="huge-expert-count"),
     pytest.param([list(range(N)) + [EMPTY] * 10**6, [0]], N, "rows of workers [0] have more than 8 slots",
