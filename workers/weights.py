@@ -268,9 +268,9 @@ class HFCheckpoint:
             tensor = handles[name].get_tensor(key)
         except SafetensorError as exc:
             raise CheckpointError(f"{path}: cannot read tensor {key!r}: {exc}") from exc
-        if not tensor.is_floating_point():
+        if not tensor.is_floating_point() or tensor.dtype.itemsize < 2:  # float8 needs its scales
             raise CheckpointError(
-                f"{path}: tensor {key!r} has dtype {tensor.dtype}, expected floating point"
+                f"{path}: tensor {key!r} has dtype {tensor.dtype}, expected a float of 16 or 32 bits (an 8-bit float needs its scales)"
             )
         return tensor.to(torch.float32)
 
@@ -315,6 +315,11 @@ def _read_config(path: Path) -> ModelSpec:
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     experts_key = next((k for k in layout.num_experts_keys if config.get(k) is not None), layout.num_experts_keys[0])
+    quantized = config.get("quantization_config")
+    if quantized:
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else quantized
+        raise CheckpointError(f"{path}: the checkpoint is quantized (quantization_config {method!r}, e.g. DeepSeek-V3's "
+                              "FP8 blocks with their scales); it is not served: convert it to BF16 or FP32 first")
     act = config.get("hidden_act", "silu")
     if act not in SILU:
         raise CheckpointError(f"{path}: key 'hidden_act' is {act!r}; the experts are served as SwiGLU "

@@ -414,6 +414,10 @@ BROKEN = [
         "read", "model.safetensors", [gate_key(1), "int32"], id="integer-tensor",
     ),
     pytest.param(
+        lambda root: single_file_with(root, W1_1_3, torch.zeros(12, 8).to(torch.float8_e4m3fn)),
+        "read", "model.safetensors", [W1_1_3, "float8_e4m3fn", "scales"], id="fp8-tensor-without-its-scales",
+    ),
+    pytest.param(
         lambda root: shard_of(root, W1_1_3).write_bytes(b"\x10\x00garbage"), "read",
         "model-00005-of-00005.safetensors", ["not a readable safetensors file", "model.layers.1."],
         id="corrupt-shard",
@@ -548,6 +552,8 @@ def test_a_shared_expert_of_the_wrong_size_is_refused_at_read(tmp_path):
     (lambda c: c.update(hidden_act="gelu"), ["hidden_act", "gelu", "silu"]),
     (lambda c: c.update(n_group=3), ["n_group", "8", "3"]),
     (lambda c: c.update(topk_group=5), ["topk_group", "n_group"]),
+    (lambda c: c.update(quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]}),
+     ["quantized", "fp8", "BF16"]),
     (lambda c: c.update(architectures=["GraniteMoeForCausalLM"]), ["GraniteMoeForCausalLM", "not supported",
                                                                     "DeepseekV3ForCausalLM"]),
 ])
