@@ -81,8 +81,14 @@ def _qwen_gate(config: Config) -> GateSpec:
     return GateSpec(norm_topk_prob=bool(config.get("norm_topk_prob", False)))
 
 
+DEEPSEEK_V2_METHODS = ("greedy", "group_limited_greedy")
+
+
 def _deepseek_v2_gate(config: Config) -> GateSpec:
-    grouped = config.get("topk_method", "greedy") == "group_limited_greedy"
+    method = config.get("topk_method") or "greedy"
+    if method not in DEEPSEEK_V2_METHODS:
+        raise ValueError(f"key 'topk_method' is {method!r}; DeepSeek-V2 routes with one of {DEEPSEEK_V2_METHODS}")
+    grouped = method == "group_limited_greedy"
     return GateSpec(
         norm_topk_prob=False, routed_scaling_factor=float(config.get("routed_scaling_factor", 1.0)),
         n_group=(config.get("n_group") or 1) if grouped else 1,

@@ -548,6 +548,14 @@ def test_a_shared_expert_of_the_wrong_size_is_refused_at_read(tmp_path):
         list(HFCheckpoint(path).experts([(1, 4)]))
 
 
+def test_an_unknown_deepseek_v2_routing_method_is_refused(tmp_path):
+    path = _family_checkpoint(tmp_path, "deepseek_v3")
+    edit_json(path / "config.json", lambda c: c.update(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2",
+                                                       topk_method="noaux_tc"))
+    with pytest.raises(CheckpointError, match="'topk_method' is 'noaux_tc'.*greedy"):
+        HFCheckpoint(path)
+
+
 @pytest.mark.parametrize(("edit", "words"), [
     (lambda c: c.update(hidden_act="gelu"), ["hidden_act", "gelu", "silu"]),
     (lambda c: c.update(n_group=3), ["n_group", "8", "3"]),
