@@ -22,13 +22,16 @@ class _Section(BaseModel):
 
 
 class RandomModelConfig(_Section):
-    """A seeded random Mixtral-style model, for demos and benchmarks."""
+    """A seeded random Mixtral-style model (with DeepSeek-style shared experts if `shared_ffn`),
+    for demos and benchmarks."""
 
     layers: Annotated[int, Field(ge=1, description="number of MoE layers")] = 2
     experts: Annotated[int, Field(ge=1, description="experts per MoE layer")] = 8
     hidden: Annotated[int, Field(ge=1, description="hidden size H")] = 256
     ffn: Annotated[int, Field(ge=1, description="expert intermediate size F")] = 512
     top_k: Annotated[int, Field(ge=1, description="experts per token")] = 2
+    shared_ffn: Annotated[int, Field(ge=0, description="intermediate size of the shared experts every token "
+                                                       "also goes through (DeepSeek-style; 0: none)")] = 0
     seed: Annotated[int, Field(description="seed of every weight")] = 0
 
     @model_validator(mode="after")
@@ -45,6 +48,7 @@ class RandomModelConfig(_Section):
             top_k=self.top_k,
             moe_layers=tuple(range(self.layers)),
             num_hidden_layers=self.layers,
+            shared_intermediate_size=self.shared_ffn,
         )
 
 

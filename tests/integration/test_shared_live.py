@@ -62,3 +62,17 @@ def test_shared_experts_are_replicated_and_moved_live(deepseek, server_loop):
     text = " ".join(str(c) for c in placement_table(deepseek.name, after.to_dict(), list(spec.moe_layers),
                                                     spec.num_experts, spec.num_shared_experts).columns[2]._cells)
     assert "1:s0" in text and "2:s0" in text and "1:7" in text
+
+
+def test_a_random_model_with_shared_experts_is_served_exactly(deploy_served):
+    start, stop = deploy_served
+    served = start(serve_config("it-shared-random", random={"layers": 2, "experts": 6, "hidden": 48, "ffn": 64,
+                                                            "top_k": 2, "shared_ffn": 96}, workers=2))
+    try:
+        assert served.spec.num_shared_experts == 2  # 96 = 64 + 32 (+ 32 zero rows)
+        for tokens in (1, 33, 300):
+            for layer in served.spec.moe_layers:
+                served.assert_serves_correctly(layer, np.random.default_rng(tokens).standard_normal(
+                    (tokens, 48), dtype=np.float32))
+    finally:
+        stop(served)

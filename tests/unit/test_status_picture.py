@@ -38,3 +38,23 @@ def test_status_png_is_valid_with_the_panels(tmp_path, points):
     pixels = imread(path)
     assert pixels.shape[0] > 500 and pixels.shape[1] > 800
     assert pixels.std() > 0.05  # something is drawn, not a blank canvas
+
+
+def test_status_png_places_shared_experts_after_the_routed_ones(tmp_path, monkeypatch):
+    """A model with 2 shared pieces per layer: the placement has L * (E + 2) logical experts,
+    labelled `layer:s0`, while the load history stays routed `[L, E]`."""
+    from matplotlib.figure import Figure
+
+    data = status(10)
+    data["num_shared_experts"] = 2
+    data["placement"] = Placement.round_robin(len(LAYERS) * (E + 2), 2, 6).to_dict()
+    labels: set[str] = set()
+    save = Figure.savefig
+
+    def capture(figure, *args, **kwargs):
+        labels.update(t.get_text() for ax in figure.axes for t in ax.get_xticklabels())
+        return save(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", capture)
+    write_status_png(data, tmp_path / "shared.png")
+    assert {"0:s0", "0:s1", "1:s0", "1:3"} <= labels, labels
