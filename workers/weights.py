@@ -32,8 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from cluster.model_spec import ModelSpec
-from cluster.model_spec import GateSpec
+from cluster.model_spec import GateSpec, ModelSpec
 from router_service.gate import GateWeights
 from workers.hf_layouts import BY_FAMILY, MIXTRAL, Layout, layout_for
 
@@ -132,13 +131,26 @@ def _check_pairs(spec: ModelSpec, pairs: Sequence[tuple[int, int]]) -> list[tupl
 
 
 def _produce(
+    spec: ModelSpec,
     pairs: list[tuple[int, int]],
     read: Callable[[int, int], ExpertWeights],
+    read_shared: Callable[[int], ExpertWeights],
     progress: Progress | None,
 ) -> Iterator[tuple[tuple[int, int], ExpertWeights]]:
-    """Read experts one at a time, reporting the running count to `progress` after each."""
+    """Read experts one at a time, reporting the running count to `progress` after each.
+
+    `read(layer, expert)` gives a routed expert, `read_shared(layer)` a layer's whole shared MLP,
+    which is cut into its pieces here (`shared_piece`); the last one read is kept while the
+    next pairs are pieces of the same layer, so a worker holding several reads it once.
+    """
+    shared: tuple[int, ExpertWeights] | None = None
     for count, (layer, expert) in enumerate(pairs, start=1):
-        weights = read(layer, expert)
+        if expert >= spec.num_experts:
+            if shared is None or shared[0] != layer:
+                shared = (layer, read_shared(layer))
+            weights = shared_piece(spec, shared[1], expert - spec.num_experts)
+        else:
+            weights = read(layer, expert)
         if progress is not None:
             progress(count)
         yield (layer, expert), weights
@@ -155,18 +167,18 @@ def _expected_shape(spec: ModelSpec, kind: str) -> tuple[int, ...]:
     return (hidden, inter) if kind[1] == "2" else (inter, hidden)
 
 
-def _required_keys(spec: ModelSpec, layout: Layout) -> dict[str, str]:
-    """Every MoE tensor the checkpoint must hold: key -> its kind (see `_expected_shape`)."""
-    keys = {}
+def _required_keys(spec: ModelSpec, layout: Layout) -> list[str]:
+    """Every MoE tensor the checkpoint must hold."""
+    keys = []
     for layer in spec.moe_layers:
-        keys[layout.gate_key(layer)] = "gate"
+        keys.append(layout.gate_key(layer))
         if spec.gate.correction_bias:
-            keys[layout.correction_bias_key(layer)] = "bias"
+            keys.append(layout.correction_bias_key(layer))
         if spec.gate.shared_gate:
-            keys[layout.shared_gate_key(layer)] = "shared_gate"
-        keys.update({layout.expert_key(layer, e, p): p for e in range(spec.num_experts) for p in PROJECTIONS})
+            keys.append(layout.shared_gate_key(layer))
+        keys += [layout.expert_key(layer, e, p) for e in range(spec.num_experts) for p in PROJECTIONS]
         if spec.num_shared_experts:
-            keys.update({layout.shared_key(layer, p): SHARED[p] for p in PROJECTIONS})
+            keys += [layout.shared_key(layer, p) for p in PROJECTIONS]
     return keys
 
 
@@ -203,7 +215,7 @@ class HFCheckpoint:
             )
         self.root = root
         self.spec = _read_config(root / CONFIG_FILE)
-        self._files = _key_files(root, list(_required_keys(self.spec, self.layout)))
+        self._files = _key_files(root, _required_keys(self.spec, self.layout))
 
     def __repr__(self) -> str:
         return f"HFCheckpoint({str(self.root)!r}, spec={self.spec})"
@@ -236,18 +248,16 @@ class HFCheckpoint:
         `num_experts` on are shared-MLP pieces); reads nothing else."""
         checked = _check_pairs(self.spec, pairs)
         handles: dict[str, Any] = {}  # file name -> open safetensors handle, for this call only
-        shared: dict[int, ExpertWeights] = {}  # layer -> its whole shared MLP, for this call only
 
         def read(layer: int, expert: int) -> ExpertWeights:
-            if expert >= self.spec.num_experts:
-                if layer not in shared:
-                    shared[layer] = ExpertWeights(**{
-                        p: self._read(handles, self.layout.shared_key(layer, p), SHARED[p]) for p in PROJECTIONS})
-                return shared_piece(self.spec, shared[layer], expert - self.spec.num_experts)
             keys = {p: self.layout.expert_key(layer, expert, p) for p in PROJECTIONS}
             return ExpertWeights(**{p: self._read(handles, key, p) for p, key in keys.items()})
 
-        return _produce(checked, read, progress)
+        def read_shared(layer: int) -> ExpertWeights:
+            keys = {p: self.layout.shared_key(layer, p) for p in PROJECTIONS}
+            return ExpertWeights(**{p: self._read(handles, key, SHARED[p]) for p, key in keys.items()})
+
+        return _produce(self.spec, checked, read, read_shared, progress)
 
     def _read(self, handles: dict[str, Any], key: str, kind: str) -> torch.Tensor:
         """Read one tensor (`kind`: see `_expected_shape`) as float32, checking its shape;
@@ -459,10 +469,8 @@ class RandomModel:
     def expert(self, layer: int, expert: int) -> ExpertWeights:
         """One expert's weights: w1, w3: [F, H]; w2: [H, F] (a shared-MLP piece from
         `num_experts` on)."""
-        ((layer, expert),) = _check_pairs(self.spec, [(layer, expert)])
-        if expert >= self.spec.num_experts:
-            return shared_piece(self.spec, self.shared(layer), expert - self.spec.num_experts)
-        return self._swiglu(self.spec.intermediate_size, _generator(self.seed, "expert", layer, expert))
+        ((_, weights),) = self.experts([(layer, expert)])
+        return weights
 
     def shared(self, layer: int) -> ExpertWeights:
         """The whole shared MLP of `layer`: `[Fs, H]`, `[H, Fs]`, `[Fs, H]`."""
@@ -480,7 +488,10 @@ class RandomModel:
         self, pairs: Sequence[tuple[int, int]], progress: Progress | None = None
     ) -> Iterator[tuple[tuple[int, int], ExpertWeights]]:
         """Yield `((layer, expert), ExpertWeights)` for `pairs`, in order."""
-        return _produce(_check_pairs(self.spec, pairs), self.expert, progress)
+        def read(layer: int, expert: int) -> ExpertWeights:
+            return self._swiglu(self.spec.intermediate_size, _generator(self.seed, "expert", layer, expert))
+
+        return _produce(self.spec, _check_pairs(self.spec, pairs), read, self.shared, progress)
 
     def save_mixtral_checkpoint(
         self, path: str | os.PathLike[str], *, shards: int = 1, dtype: torch.dtype = torch.float32
