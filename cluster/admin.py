@@ -88,7 +88,7 @@ class ModelAdmin:
         """Dry run. load: routed `[L, E]` (or flat `[L*E]`; the shared experts' load follows
         from it); None uses the recent window."""
         if load is not None:
-            load = self.spec.placed_load(self.check_load(load))
+            load = self.spec.placed_load(self.spec.check_routed_load(load))
         else:
             load = self._load(self._clock()).placement_load.astype(np.float64)
         current = self.placement
@@ -99,15 +99,6 @@ class ModelAdmin:
             layer_balancedness(current, load), layer_balancedness(proposed, load),
             sorted(want - have), sorted(have - want),
         )
-
-    def check_load(self, load) -> np.ndarray:
-        shape = (self.spec.num_moe_layers, self.spec.num_experts)
-        array = np.asarray(load, dtype=np.float64)
-        if array.size != shape[0] * shape[1]:
-            raise ValueError(f"load must have {shape[0]} x {shape[1]} = {shape[0] * shape[1]} values (layers x experts), got {array.size}")
-        if not np.all(np.isfinite(array)) or (array < 0).any():
-            raise ValueError("load values must be finite and >= 0")
-        return array.reshape(shape)
 
     def check_placement(self, placement: Placement) -> Placement:
         """A placement from a user (file, CLI): same model and workers as the one in service."""
@@ -130,4 +121,3 @@ class ModelAdmin:
 
     async def rebalance(self, force: bool = False) -> RebalanceEvent:
         return await self._controller.check(force=force, explain=True)
-

@@ -167,6 +167,22 @@ class ModelSpec:
         tokens = routed.sum(axis=1, keepdims=True) / self.top_k
         return np.hstack([routed, np.repeat(tokens, self.num_shared_experts, axis=1).astype(routed.dtype)])
 
+    def check_routed_load(self, values) -> np.ndarray:
+        """A user's routed load (`[L, E]` or flat, e.g. for a dry-run plan) as `[L, E]` float64;
+        ValueError when it has the wrong size or a value that is negative, NaN or infinite."""
+        layers, experts = self.num_moe_layers, self.num_experts
+        load = np.asarray(values, dtype=np.float64)
+        if load.size != layers * experts:
+            raise ValueError(f"load must have {layers} x {experts} = {layers * experts} values (layers x experts), "
+                             f"got {load.size}")
+        load = load.reshape(layers, experts)
+        bad = np.flatnonzero(~np.isfinite(load) | (load < 0))
+        if bad.size:
+            layer, expert = divmod(int(bad[0]), experts)
+            raise ValueError(f"load values must be finite and >= 0; {bad.size} are not, the first at layer index "
+                             f"{layer}, expert {expert}: {load[layer, expert]}")
+        return load
+
     def moe_index(self, layer: int) -> int:
         """Position of model layer `layer` among the MoE layers; ValueError if it has no MoE."""
         try:

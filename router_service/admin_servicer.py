@@ -184,19 +184,12 @@ def _flat(array: np.ndarray) -> list:
 
 def check_load(values: Sequence[float], spec: ModelSpec) -> np.ndarray:
     """A PlanRequest's flat routed load as `[L, E]` float64 (the shared experts' follows from
-    it); RequestError (INVALID_ARGUMENT) when it
-    has the wrong length or a value that is negative, NaN or infinite."""
-    layers, experts = spec.num_moe_layers, spec.num_experts
-    if len(values) != layers * experts:
-        raise invalid(f"load must have {layers} x {experts} = {layers * experts} values (layers x experts), "
-                      f"got {len(values)}")
-    load = np.asarray(values, dtype=np.float64).reshape(layers, experts)
-    bad = np.flatnonzero(~np.isfinite(load) | (load < 0))
-    if bad.size:
-        layer, expert = divmod(int(bad[0]), experts)
-        raise invalid(f"load values must be finite and >= 0; {bad.size} are not, the first at layer index {layer}, "
-                      f"expert {expert}: {load[layer, expert]}")
-    return load
+    it), checked here before it is sent on (`ModelSpec.check_routed_load`); RequestError
+    (INVALID_ARGUMENT) when it has the wrong length or a value that is negative, NaN or infinite."""
+    try:
+        return spec.check_routed_load(values)
+    except ValueError as err:
+        raise invalid(str(err)) from None
 
 
 def check_placement_shape(message: admin_pb2.Placement, spec: ModelSpec, current: Placement) -> None:
