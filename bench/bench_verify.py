@@ -16,10 +16,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cluster.config import RayConfig, ServeConfig
-from cluster.launcher import connect_ray, deploy
-from cluster.verify import verify
-from router_service.client import MoEClient
+from cluster.config import RayConfig
+from cluster.launcher import connect_ray
+from cluster.verify import serve_and_verify
 from workers.tiny_models import FAMILIES, TinyFamily
 from workers.weights import HFCheckpoint
 
@@ -28,19 +27,9 @@ async def _one(family: TinyFamily, root: Path, args) -> dict:
     path = root / family.name
     model = family.save(path)
     spec = HFCheckpoint(path).spec
-    config = ServeConfig().with_overrides(**{"model.checkpoint": str(path), "model.name": family.name,
-                                             "router.port": 0, "workers.count": args.workers})
-    deployment = await deploy(config)
-    try:
-        def check() -> dict:
-            with MoEClient(deployment.address) as client:
-                client.wait_ready(30)
-                report = verify(model, spec, client, family.name, new_tokens=args.new_tokens,
-                                prompt_tokens=args.prompt_tokens, batch=args.batch, seed=family.seed)
-            return report.to_dict()
-        result = await asyncio.to_thread(check)
-    finally:
-        await deployment.stop(grace_s=1.0)
+    report = await serve_and_verify(str(path), model, spec, args.workers, name=family.name, new_tokens=args.new_tokens,
+                                    prompt_tokens=args.prompt_tokens, batch=args.batch, seed=family.seed)
+    result = report.to_dict()
     keep = ("family", "ok", "tokens_equal", "first_mismatch", "rel_logit_err", "max_abs_logit_err", "moe_calls",
             "reference_s", "served_s")
     return {"case": family.name, **{k: result[k] for k in keep}, "shared_pieces": spec.num_shared_experts,

@@ -12,6 +12,8 @@ MoE layers are embedded in, not what is under test.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -146,3 +148,33 @@ def verify(model: torch.nn.Module, spec: ModelSpec, client, model_name: str, new
         max_abs_logit_err=float(err.max()), rel_logit_err=float(err.max() / want.abs().max()),
         moe_calls=served_blocks.calls, reference_s=times[0], served_s=times[1],
     )
+
+
+def verify_at(address: str, name: str, model: torch.nn.Module, spec: ModelSpec, credentials=None,
+              **options) -> VerifyReport:
+    """`verify` against the router at `address` serving model `name`, once it is ready and
+    serves the same MoE layers as `spec` (ValueError otherwise)."""
+    from router_service.client import MoEClient
+
+    with MoEClient(address, credentials=credentials) as client:
+        client.wait_ready(30)
+        served = client.model_metadata(name, timeout_s=30).parameters
+        if "moe_layers" in served and served["moe_layers"].string_param != spec.describe_layers():
+            raise ValueError(f"model {name!r} at {address} serves MoE layers {served['moe_layers'].string_param}, "
+                             f"the checkpoint has {spec.describe_layers()}: not the same model")
+        return verify(model, spec, client, name, **options)
+
+
+async def serve_and_verify(checkpoint: str, model: torch.nn.Module, spec: ModelSpec, workers: int = 2,
+                           name: str = "moe", progress=None, **options) -> VerifyReport:
+    """Serve `checkpoint` in this process (Ray connected), `verify_at` it, and stop serving."""
+    from cluster.config import ServeConfig
+    from cluster.launcher import deploy
+
+    config = ServeConfig().with_overrides(**{
+        "model.checkpoint": os.path.abspath(checkpoint), "model.name": name, "router.port": 0, "workers.count": workers})
+    deployment = await deploy(config, progress)
+    try:
+        return await asyncio.to_thread(verify_at, deployment.address, name, model, spec, **options)
+    finally:
+        await deployment.stop(grace_s=2.0)

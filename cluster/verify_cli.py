@@ -12,9 +12,10 @@ import os
 
 from rich.table import Table
 
+from cluster.config import RayConfig
 from cluster.console import console
 from cluster.model_spec import ModelSpec
-from cluster.verify import LOGIT_REL_TOL, VerifyReport, load_hf_model, verify
+from cluster.verify import LOGIT_REL_TOL, VerifyReport, load_hf_model, serve_and_verify, verify_at
 
 
 def add_verify_parser(sub, client_options) -> None:
@@ -41,7 +42,7 @@ def cmd_verify(args, credentials) -> int:
     model = load_hf_model(args.checkpoint)
     options = {"new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "batch": args.batch, "seed": args.seed}
     if args.address:
-        report = _against(args.address, args.model, credentials, model, spec, options)
+        report = verify_at(args.address, args.model, model, spec, credentials, **options)
     else:
         report = _serve_and_verify(args.checkpoint, args.workers, model, spec, options)
     if args.json:
@@ -51,34 +52,15 @@ def cmd_verify(args, credentials) -> int:
     return 0 if report.ok else 1
 
 
-def _against(address: str, name: str, credentials, model, spec: ModelSpec, options: dict) -> VerifyReport:
-    from router_service.client import MoEClient
-
-    with MoEClient(address, credentials=credentials) as client:
-        client.wait_ready(30)
-        served = client.model_metadata(name, timeout_s=30).parameters
-        if "moe_layers" in served and served["moe_layers"].string_param != spec.describe_layers():
-            raise ValueError(f"model {name!r} at {address} serves MoE layers {served['moe_layers'].string_param}, "
-                             f"the checkpoint has {spec.describe_layers()}: not the same model")
-        return verify(model, spec, client, name, **options)
-
-
 def _serve_and_verify(checkpoint: str, workers: int, model, spec: ModelSpec, options: dict) -> VerifyReport:
-    from cluster.config import ServeConfig
     from cluster.console import load_progress
-    from cluster.launcher import connect_ray, deploy
+    from cluster.launcher import connect_ray
 
-    config = ServeConfig().with_overrides(**{
-        "model.checkpoint": os.path.abspath(checkpoint), "router.port": 0, "workers.count": workers})
-    connect_ray(config.ray, num_cpus=max(2, os.cpu_count() or 2))
+    connect_ray(RayConfig(), num_cpus=max(2, os.cpu_count() or 2))
 
     async def run() -> VerifyReport:
         with load_progress() as progress:
-            deployment = await deploy(config, progress)
-        try:
-            return await asyncio.to_thread(_against, deployment.address, config.model.name, None, model, spec, options)
-        finally:
-            await deployment.stop(grace_s=2.0)
+            return await serve_and_verify(checkpoint, model, spec, workers, progress=progress, **options)
 
     return asyncio.run(run())
 
