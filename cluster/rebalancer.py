@@ -81,11 +81,7 @@ class Rebalancer:
             plan = self.plan(_padded(target, self._hub.current))
             moved = 0
             for step in plan.steps:
-                moved += await self._load(step.loads)
-                await self._publish(step.placement)
-                await asyncio.gather(*(
-                    self._mover.release_replicas(w, experts) for w, experts in by_worker(step.releases).items()
-                ))
+                moved += await self.step(step.loads, step.placement, step.releases)
             if target.num_workers < self._hub.current.num_workers:
                 current = self._hub.current
                 await self._publish(current.resized(target.num_workers, 0, current.version + 1))
@@ -93,6 +89,18 @@ class Rebalancer:
                 before, self._hub.current.version, len(plan.steps), plan.loads, plan.releases,
                 moved, self._clock() - start,
             )
+
+    async def step(self, loads: tuple[tuple[int, int], ...], placement: Placement,
+                   releases: tuple[tuple[int, int], ...]) -> int:
+        """One make-before-break step: load the `(worker, logical expert)` replicas `loads`,
+        publish `placement` and wait until no batch runs on an older one, then release
+        `releases`. Returns the bytes loaded. The caller holds `exclusive()`."""
+        moved = await self._load(loads)
+        await self._publish(placement)
+        await asyncio.gather(*(
+            self._mover.release_replicas(w, experts) for w, experts in by_worker(releases).items()
+        ))
+        return moved
 
     async def _publish(self, placement: Placement) -> None:
         """Publish, then wait until no batch runs on an older placement."""

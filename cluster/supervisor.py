@@ -18,7 +18,6 @@ them; automatic rebalancing waits while a worker is down.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import deque
@@ -31,7 +30,7 @@ import numpy as np
 from cluster.controller import notify
 from cluster.loops import Periodic
 from cluster.placement_hub import PlacementHub
-from cluster.rebalancer import Rebalancer, by_worker, copy_sources
+from cluster.rebalancer import Rebalancer, copy_sources
 from cluster.repair import plan_repair, uncovered_experts
 
 log = logging.getLogger(__name__)
@@ -45,8 +44,6 @@ class SupervisedFleet(Protocol):
     async def probe(self, timeout_s: float) -> list[dict | None]: ...
     def restarted(self, worker: int, info: dict) -> bool: ...
     async def reload(self, worker: int, info: dict, experts: list[int], copy_from: dict[int, int]) -> int: ...
-    async def load_replicas(self, worker: int, experts: list[int], copy_from: dict[int, int]) -> int: ...
-    async def release_replicas(self, worker: int, experts: list[int]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -118,11 +115,8 @@ class WorkerSupervisor:
             plan = plan_repair(current, down, self._capacity(), self._load())
             if plan is None:
                 return
-            if plan.added:
-                await asyncio.gather(*(self._fleet.load_replicas(w, es, {}) for w, es in by_worker(plan.added).items()))
-                await self._hub.publish(plan.placement)
-                await self._hub.drained(plan.placement.version)
-                await asyncio.gather(*(self._fleet.release_replicas(w, es) for w, es in by_worker(plan.evicted).items()))
+            if plan.added:  # the experts added have no live replica to copy from: read from the weights
+                await self._rebalancer.step(plan.added, plan.placement, plan.evicted)
                 self._record("repaired", tuple(sorted(down)),
                              f"{len(plan.added)} experts without a live replica got one on a live worker "
                              f"(placement v{plan.placement.version}, {len(plan.evicted)} spare replicas evicted)",
