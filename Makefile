@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/moe-serve demo
 
-# pytest's exit code 5 (no tests collected) is a failure here, never a silent pass.
+# The import contracts (the architecture, in pyproject.toml) first; then the suite. pytest's exit
+# code 5 (no tests collected) is a failure here, never a silent pass.
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -p no:cacheprovider -ra; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 

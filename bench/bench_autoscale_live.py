@@ -55,11 +55,11 @@ def run_scenario(target_tokens_per_s: float = 400.0, phase_timeout_s: float = 12
     import ray
     import torch
 
-    from cluster.load_driver import LoadDriver
-    from cluster.local_cluster import LocalAutoscalingCluster, expert_nodes
-    from cluster.service import create_controller
-    from workers.reference import ReferenceMoE
-    from workers.weights import RandomModel
+    from bench.load_driver import LoadDriver
+    from cluster.app.local_cluster import LocalAutoscalingCluster, expert_nodes
+    from cluster.app.reference import ReferenceMoE
+    from cluster.app.service import create_controller
+    from workers.random_model import RandomModel
 
     config = scenario_config(target_tokens_per_s)
     reference = ReferenceMoE(RandomModel(config.model.random.spec(), RANDOM["seed"]))
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
     if os.environ.get(ISOLATED_ENV) != "1":
-        from cluster.local_cluster import can_isolate, isolated
+        from cluster.app.local_cluster import can_isolate, isolated
 
         why = can_isolate()
         if why:

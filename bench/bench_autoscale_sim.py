@@ -1,4 +1,4 @@
-"""Autoscaler vs static peak provisioning, in the trace-replay simulator (`cluster.simulator`).
+"""Autoscaler vs static peak provisioning, in the trace-replay simulator (`cluster.sim.simulator`).
 
     PYTHONPATH=. .venv/bin/python -m bench.bench_autoscale_sim                # 64, 256, 1024 GPUs
     PYTHONPATH=. .venv/bin/python -m bench.bench_autoscale_sim --max-workers 64 --days 2
@@ -27,10 +27,11 @@ import time
 import numpy as np
 
 from bench.render import emit
-from cluster.planner import plan_placement
-from cluster.simulate_cli import PEAK_SHARE, SIM_EXPERTS, SIM_LAYERS, SIM_TOP_K, sim_config
-from cluster.simulator import CostModel, compare, slots_for
-from cluster.traces import LoadTrace
+from cluster.app.simulate_cli import PEAK_SHARE, SIM_EXPERTS, SIM_LAYERS, SIM_TOP_K, sim_config
+from cluster.planning.planner import plan_placement
+from cluster.sim.compare import compare
+from cluster.sim.simulator import CostModel, slots_for
+from cluster.sim.traces import LoadTrace
 
 MAX_WORKERS = (64, 256, 1024)
 SAVED_TARGET = 0.30

@@ -47,7 +47,7 @@ import time
 import numpy as np
 
 from cluster.placement import EMPTY
-from cluster.planner import count_moves, plan_placement
+from cluster.planning.planner import count_moves, plan_placement
 
 EXPERTS, WORKERS, TOP_K = 64, 8, 6
 EXTRA_SLOTS = (8, 16, 32)

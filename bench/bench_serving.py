@@ -30,9 +30,9 @@ import torch
 
 from bench.naive import NaiveMoE
 from bench.render import emit
+from cluster.app.launcher import connect_ray, deploy
+from cluster.app.reference import ReferenceMoE
 from cluster.config import RayConfig, ServeConfig
-from cluster.launcher import connect_ray, deploy
-from workers.reference import ReferenceMoE
 
 CONFIGS = {
     "h1024_e8_top2": dict(hidden=1024, ffn=2816, experts=8, top_k=2),
@@ -165,7 +165,7 @@ def bench_config(name: str, shape: dict, args) -> dict:
 
 
 def _weights(config: ServeConfig):
-    from cluster.launcher import weights_for
+    from cluster.app.launcher import weights_for
 
     return weights_for(config)
 

@@ -21,7 +21,7 @@ import numpy as np
 from bench.render import emit
 from cluster.model_spec import ModelSpec
 from cluster.placement import Placement, slots_per_worker
-from cluster.planner import layer_balancedness, plan_placement
+from cluster.planning.planner import layer_balancedness, plan_placement
 
 ROUTED, TOP_K, FFN, SHARED_FFN, TOKENS = 64, 6, 1408, 2816, 1 << 16
 

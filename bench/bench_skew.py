@@ -5,7 +5,7 @@ how fast balance comes back after the hot set rotates. Prints JSON.
     .venv/bin/python -m bench.bench_skew --quick    # shorter phases
 
 Each phase drives the real gRPC path from a client process at a fixed concurrency with
-hidden states that the real gate routes to Zipf-distributed experts (`cluster.traffic`).
+hidden states that the real gate routes to Zipf-distributed experts (`cluster.sim.traffic`).
 - static: rebalancing off, the round-robin placement.
 - replicated: rebalancing on; measured after the controller's first rebalance.
 - rotation: the hot set moves mid-run; we sample the live balancedness (placement in service
@@ -25,10 +25,10 @@ import ray
 
 from bench.bench_serving import ServedModel
 from bench.render import emit
+from cluster.app.launcher import connect_ray, weights_for
 from cluster.config import RayConfig, ServeConfig
-from cluster.launcher import connect_ray, weights_for
-from cluster.planner import layer_balancedness
-from cluster.traffic import SkewedTraffic
+from cluster.planning.planner import layer_balancedness
+from cluster.sim.traffic import SkewedTraffic
 
 
 def _client(address: str, model: str, phases: list[tuple[list[np.ndarray], float]], concurrency: int, queue) -> None:

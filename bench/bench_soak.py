@@ -8,7 +8,7 @@ One process: an embedded Ray, a small random model (2 MoE layers x 8 experts) on
 with every logical expert replicated twice (`rebalance.min_replicas: 2`, so a lost worker costs
 a reroute), its router and control plane on a background event loop, and a `LoadDriver` whose
 threads check every answer against the single-process reference. Requests: token counts
-log-uniform over 1..2048, both layers, 3 in 4 aimed at a Zipf-hot set (`cluster.traffic`), the
+log-uniform over 1..2048, both layers, 3 in 4 aimed at a Zipf-hot set (`cluster.sim.traffic`), the
 rest standard normal; a side thread sends FP16 requests and checks them to FP16 rounding.
 
 During the soak: every `--rebalance-every-s` a forced rebalance plans for the hot set, which
@@ -35,15 +35,15 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from bench.load_driver import LoadDriver
 from bench.render import emit
+from cluster.app.launcher import connect_ray, deploy
+from cluster.app.reference import ReferenceMoE
 from cluster.config import RayConfig, ServeConfig, validate_config
-from cluster.launcher import connect_ray, deploy
-from cluster.load_driver import LoadDriver
 from cluster.placement import Placement
-from cluster.traffic import SkewedTraffic
+from cluster.sim.traffic import SkewedTraffic
 from router_service.client import MoEClient
-from workers.reference import ReferenceMoE
-from workers.weights import RandomModel
+from workers.random_model import RandomModel
 
 MODEL = {"layers": 2, "experts": 8, "hidden": 64, "ffn": 128, "top_k": 2, "seed": 17}
 WORKERS = 3

@@ -1,6 +1,6 @@
 """The whole-model check of every family, as figures: for each tiny model of
 `workers/tiny_models.py`, serve its checkpoint, generate greedily with `transformers` alone and
-through the served MoE layers (`cluster.verify`), and print one JSON object per family plus a
+through the served MoE layers (`cluster.app.verify`), and print one JSON object per family plus a
 summary: same tokens, the logits' relative error, and the generation times.
 
     python -m bench.bench_verify [--new-tokens 16] [--batch 2] [--out FILE.json]
@@ -16,11 +16,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from cluster.app.launcher import connect_ray
+from cluster.app.verify import serve_and_verify
 from cluster.config import RayConfig
-from cluster.launcher import connect_ray
-from cluster.verify import serve_and_verify
+from workers.hf_checkpoint import HFCheckpoint
 from workers.tiny_models import FAMILIES, TinyFamily
-from workers.weights import HFCheckpoint
 
 
 async def _one(family: TinyFamily, root: Path, args) -> dict:

@@ -229,3 +229,43 @@ def slots_per_worker(num_logical_experts: int, num_workers: int, configured: int
             f"workers need at least {needed} slots per worker"
         )
     return configured
+
+
+@dataclass(frozen=True, eq=False)
+class ExpertShare:
+    """One worker's share of a batch: the router sends it, the worker runs it (both name this
+    type, so neither imports the other).
+
+    expert_ids: `[S]` int global logical experts hosted by the worker; offsets: `[S + 1]` int,
+    expert `expert_ids[i]` gets entries `offsets[i]:offsets[i + 1]` of token_idx and weights;
+    token_idx: `[N]` int rows of the batch, grouped by expert; weights: `[N]` float gate weights.
+    Checked on construction: the lengths agree and the offsets run from 0 to N without going back.
+    """
+
+    expert_ids: np.ndarray
+    offsets: np.ndarray
+    token_idx: np.ndarray
+    weights: np.ndarray
+
+    def __post_init__(self) -> None:
+        for name in ("expert_ids", "offsets", "token_idx", "weights"):
+            value = getattr(self, name)
+            if not isinstance(value, np.ndarray) or value.ndim != 1:
+                raise ValueError(f"share {name} must be a 1-d numpy array, got {type(value).__name__} "
+                                 f"of shape {getattr(value, 'shape', None)}")
+            kind = "f" if name == "weights" else "iu"
+            if value.dtype.kind not in kind:
+                raise ValueError(f"share {name} must be {'float' if kind == 'f' else 'integer'}, got {value.dtype}")
+        experts, tokens = len(self.expert_ids), len(self.token_idx)
+        if len(self.offsets) != experts + 1:
+            raise ValueError(f"share offsets has {len(self.offsets)} entries for {experts} experts; needs {experts + 1}")
+        if len(self.weights) != tokens:
+            raise ValueError(f"share weights has {len(self.weights)} entries for {tokens} token rows")
+        if self.offsets[0] != 0 or self.offsets[-1] != tokens or (np.diff(self.offsets) < 0).any():
+            raise ValueError(f"share offsets must rise from 0 to the {tokens} token rows, got "
+                             f"{self.offsets[:8].tolist()}{' ...' if experts > 7 else ''}")
+
+    @property
+    def num_tokens(self) -> int:
+        """Expert-token assignments in the share (a token sent to two experts counts twice)."""
+        return int(self.token_idx.shape[0])

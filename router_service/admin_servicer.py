@@ -1,7 +1,7 @@
 """The admin gRPC service (`moe.admin.v1.AdminService`): load, placement, rebalance.
 
 The servicer speaks protobuf on one side and `AdminOperations` (implemented by
-`cluster.admin.ModelAdmin`) on the other. Domain errors become gRPC status codes here, in one
+`cluster.control.admin.ModelAdmin`) on the other. Domain errors become gRPC status codes here, in one
 place (`AdminServicer._call`):
 
 - an unknown model: NOT_FOUND, naming the models served;
@@ -29,11 +29,11 @@ import numpy as np
 from cluster.placement import Placement
 from protos import moe_admin_pb2 as admin_pb2
 from protos import moe_admin_pb2_grpc as admin_pb2_grpc
-from router_service.codec import RequestError, invalid
+from router_service.errors import InvalidRequest, UnknownModel
 
 if TYPE_CHECKING:
-    from cluster.load_stats import LoadSnapshot
     from cluster.model_spec import ModelSpec
+    from cluster.planning.load_stats import LoadSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ RECENT_EVENTS = 20  # rebalance events a LoadResponse carries, oldest first
 T = TypeVar("T")
 
 
-# ---- what the servicer reads (structural: cluster.admin / cluster.controller satisfy them) ---
+# ---- what the servicer reads (structural: cluster.control.admin / cluster.control.controller satisfy them) ---
 
 
 class MigrationReportView(Protocol):
@@ -108,7 +108,7 @@ class PlanReportView(Protocol):
 
 
 class AdminOperations(Protocol):
-    """What the admin service needs of one model (implemented by `cluster.admin.ModelAdmin`).
+    """What the admin service needs of one model (implemented by `cluster.control.admin.ModelAdmin`).
 
     Every method raises `ValueError` with a message for the user when its input does not fit.
     """
@@ -184,26 +184,26 @@ def _flat(array: np.ndarray) -> list:
 
 def check_load(values: Sequence[float], spec: ModelSpec) -> np.ndarray:
     """A PlanRequest's flat routed load as `[L, E]` float64 (the shared experts' follows from
-    it), checked here before it is sent on (`ModelSpec.check_routed_load`); RequestError
-    (INVALID_ARGUMENT) when it has the wrong length or a value that is negative, NaN or infinite."""
+    it), checked here before it is sent on (`ModelSpec.check_routed_load`); InvalidRequest
+    when it has the wrong length or a value that is negative, NaN or infinite."""
     try:
         return spec.check_routed_load(values)
     except ValueError as err:
-        raise invalid(str(err)) from None
+        raise InvalidRequest(str(err)) from None
 
 
 def check_placement_shape(message: admin_pb2.Placement, spec: ModelSpec, current: Placement) -> None:
     """What can be checked on the protobuf before a `Placement` is built from it: the model's
     logical experts, the service's workers, rows no longer than a worker could use."""
     if message.num_logical_experts != spec.num_logical_experts:
-        raise invalid(f"placement has {message.num_logical_experts} logical experts; the model has "
+        raise InvalidRequest(f"placement has {message.num_logical_experts} logical experts; the model has "
                       f"{spec.num_logical_experts} ({spec.describe_shape()})")
     if len(message.workers) != current.num_workers:
-        raise invalid(f"placement has {len(message.workers)} workers; the service has {current.num_workers}")
+        raise InvalidRequest(f"placement has {len(message.workers)} workers; the service has {current.num_workers}")
     longest = max(spec.num_logical_experts, *(len(row) for row in current.slots))
     long_rows = [w for w, row in enumerate(message.workers) if len(row.experts) > longest]
     if long_rows:
-        raise invalid(f"placement rows of workers {long_rows[:10]} have more than {longest} slots "
+        raise InvalidRequest(f"placement rows of workers {long_rows[:10]} have more than {longest} slots "
                       f"(the model's logical experts, or the longest row in service)")
 
 
@@ -218,9 +218,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def _admin(self, name: str) -> AdminOperations:
         admin = self._admins.get(name)
         if admin is None:
-            raise RequestError(
-                grpc.StatusCode.NOT_FOUND, f"unknown model '{name}'; this server serves {sorted(self._admins)}"
-            )
+            raise UnknownModel(f"unknown model '{name}'; this server serves {sorted(self._admins)}")
         return admin
 
     async def _call(self, context, model: str, what: str, operation: Callable[[AdminOperations], Awaitable[T]]) -> T:
@@ -230,9 +228,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         """
         try:
             return await operation(self._admin(model))
-        except RequestError as err:
-            code, message = err.code, err.message
-        except ValueError as err:
+        except UnknownModel as err:
+            code, message = grpc.StatusCode.NOT_FOUND, str(err)
+        except ValueError as err:  # InvalidRequest, and the admin's own checks of user input
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(err)
         except Exception:
             log.exception("admin %s failed for model %r", what, model)
@@ -291,7 +289,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def ApplyPlacement(self, request, context):
         async def apply(admin: AdminOperations) -> admin_pb2.RebalanceEvent:
             if not request.HasField("placement"):
-                raise invalid("ApplyPlacement needs a placement; the request has none")
+                raise InvalidRequest("ApplyPlacement needs a placement; the request has none")
             check_placement_shape(request.placement, admin.spec, admin.placement)
             event = await admin.apply(placement_from_pb(request.placement))
             return event_to_pb(event, admin.placement.version, self._clock())

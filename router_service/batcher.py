@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cluster.config import RouterConfig
 from router_service.errors import Overloaded
 from router_service.moe_layer import LayerOutput
 
@@ -172,21 +173,22 @@ def _cancel_when_abandoned(task: asyncio.Task, batch: list[_Pending]) -> None:
 class Batcher:
     """Per-layer request queues in front of one model's `forward`."""
 
-    def __init__(self, forward: ForwardFn, max_batch_tokens: int, max_wait_ms: float, max_inflight_batches: int,
-                 max_queued_tokens: int | None = None, model: str = "model"):
+    def __init__(self, forward: ForwardFn, config: RouterConfig, model: str = "model"):
+        """config: the router's section; its batching keys (`max_batch_tokens`, `max_wait_ms`,
+        `max_inflight_batches`) and admission limit (`max_queued_tokens`) are read here."""
         self._forward = forward
-        self._max_queued = max_queued_tokens
+        self._max_queued = config.max_queued_tokens
         self._model = model
-        self._max_tokens = max_batch_tokens
-        self._max_wait_s = max_wait_ms / 1000.0
-        self._inflight = max_inflight_batches
+        self._max_tokens = config.max_batch_tokens
+        self._max_wait_s = config.max_wait_ms / 1000.0
+        self._inflight = config.max_inflight_batches
         self._queues: dict[int, _LayerQueue] = {}
 
     async def submit(self, layer: int, hidden: torch.Tensor) -> RequestResult:
         """hidden: `[t, H]` float32. Cancelling the caller drops the request if still queued.
         Raises `Overloaded` at once when the queue is full."""
         queued = self.queued_tokens
-        if self._max_queued is not None and queued and queued + hidden.shape[0] > self._max_queued:
+        if queued and queued + hidden.shape[0] > self._max_queued:
             raise Overloaded(
                 f"model '{self._model}' is overloaded: {queued} tokens are queued and this request "
                 f"adds {hidden.shape[0]} (limit router.max_queued_tokens = {self._max_queued}); "

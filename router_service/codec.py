@@ -1,6 +1,6 @@
 """Open Inference Protocol (KServe v2) tensors <-> torch, with every input check the contract
-names. Checks raise `RequestError`, which the servicer turns into a gRPC status; nothing here
-touches a worker.
+names. Checks raise `InvalidRequest`, a domain error the servicer turns into a gRPC status;
+nothing here knows status codes or touches a worker.
 """
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import math
 import warnings
 from dataclasses import dataclass
 
-import grpc
 import numpy as np
 import torch
 
 from cluster.model_spec import WIRE_DTYPES, ModelSpec
 from protos import grpc_predict_v2_pb2 as pb
+from router_service.errors import InvalidRequest
 
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
@@ -22,19 +22,6 @@ INPUT_NAME = "hidden_states"
 OUTPUT_NAMES = ("hidden_states", "topk_ids", "topk_weights")
 _ITEMSIZE = {name: torch.empty(0, dtype=dt).element_size() for name, dt in WIRE_DTYPES.items()}
 _OUTPUT_DTYPES = {**WIRE_DTYPES, "INT32": torch.int32}
-
-
-class RequestError(Exception):
-    """A request the service refuses, with the gRPC status code to answer."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def invalid(message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
 @dataclass(frozen=True)
@@ -50,9 +37,9 @@ class DecodedRequest:
 def decode_request(request: pb.ModelInferRequest, spec: ModelSpec) -> DecodedRequest:
     if len(request.inputs) != 1 or request.inputs[0].name != INPUT_NAME:
         got = [i.name for i in request.inputs] or "no inputs"
-        raise invalid(f"expected exactly one input named '{INPUT_NAME}', got {got}")
+        raise InvalidRequest(f"expected exactly one input named '{INPUT_NAME}', got {got}")
     if request.raw_input_contents and len(request.raw_input_contents) != 1:
-        raise invalid(
+        raise InvalidRequest(
             f"raw_input_contents has {len(request.raw_input_contents)} entries for 1 input"
         )
     tensor = request.inputs[0]
@@ -67,41 +54,41 @@ def decode_request(request: pb.ModelInferRequest, spec: ModelSpec) -> DecodedReq
 
 def _decode_hidden(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, spec: ModelSpec) -> torch.Tensor:
     if tensor.datatype not in WIRE_DTYPES:
-        raise invalid(
+        raise InvalidRequest(
             f"input '{INPUT_NAME}' datatype must be one of {', '.join(WIRE_DTYPES)}, got "
             f"'{tensor.datatype}'"
         )
     shape = list(tensor.shape)
     if len(shape) != 2 or shape[1] != spec.hidden_size or shape[0] < 0:
-        raise invalid(
+        raise InvalidRequest(
             f"input '{INPUT_NAME}' shape must be [tokens, {spec.hidden_size}], got {shape}"
         )
     if shape[0] == 0:
-        raise invalid(f"input '{INPUT_NAME}' is an empty batch (shape {shape}); send at least one token")
+        raise InvalidRequest(f"input '{INPUT_NAME}' is an empty batch (shape {shape}); send at least one token")
     count = shape[0] * shape[1]
     if raw is not None:
         hidden = _from_raw(raw, tensor.datatype, count, shape)
     elif tensor.datatype == "FP32" and tensor.HasField("contents"):
         values = tensor.contents.fp32_contents
         if len(values) != count:
-            raise invalid(
+            raise InvalidRequest(
                 f"input '{INPUT_NAME}' shape {shape} needs {count} fp32_contents values, got {len(values)}"
             )
         hidden = torch.tensor(np.asarray(values, dtype=np.float32))
     elif tensor.HasField("contents"):
-        raise invalid(
+        raise InvalidRequest(
             f"input '{INPUT_NAME}' with datatype {tensor.datatype} must be sent in "
             f"raw_input_contents (the protocol has no typed field for it)"
         )
     else:
-        raise invalid(f"input '{INPUT_NAME}' has no data: set raw_input_contents or contents")
+        raise InvalidRequest(f"input '{INPUT_NAME}' has no data: set raw_input_contents or contents")
     hidden = hidden.reshape(shape).float()
     if math.isfinite(float(hidden.sum())):  # a NaN/Inf anywhere makes the sum non-finite
         return hidden
     finite = torch.isfinite(hidden)  # the slow exact check, only when the sum says so
     if not bool(finite.all()):
         bad = (~finite).nonzero()[0].tolist()
-        raise invalid(
+        raise InvalidRequest(
             f"input '{INPUT_NAME}' has {int((~finite).sum())} NaN/Inf values, first at "
             f"[token {bad[0]}, dim {bad[1]}]"
         )
@@ -111,7 +98,7 @@ def _decode_hidden(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | N
 def _from_raw(raw: bytes, datatype: str, count: int, shape: list[int]) -> torch.Tensor:
     expected = count * _ITEMSIZE[datatype]
     if len(raw) != expected:
-        raise invalid(
+        raise InvalidRequest(
             f"input '{INPUT_NAME}' raw content is {len(raw)} bytes, but shape {shape} of "
             f"{datatype} needs {expected} bytes"
         )
@@ -122,7 +109,7 @@ def _layer(request: pb.ModelInferRequest, spec: ModelSpec) -> int:
     if "layer" not in request.parameters:
         if spec.num_moe_layers == 1:
             return spec.moe_layers[0]
-        raise invalid(
+        raise InvalidRequest(
             f"request parameter 'layer' is required: this model has {spec.num_moe_layers} "
             f"MoE layers ({spec.describe_layers()})"
         )
@@ -134,11 +121,11 @@ def _layer(request: pb.ModelInferRequest, spec: ModelSpec) -> int:
         layer = int(param.string_param)
     else:
         shown = f"{kind} {getattr(param, kind)!r}" if kind else "an empty parameter"
-        raise invalid(f"request parameter 'layer' must be an integer, got {shown}")
+        raise InvalidRequest(f"request parameter 'layer' must be an integer, got {shown}")
     try:
         spec.moe_index(layer)
     except ValueError as err:
-        raise invalid(str(err)) from None
+        raise InvalidRequest(str(err)) from None
     return layer
 
 
@@ -154,7 +141,7 @@ def _requested_outputs(request: pb.ModelInferRequest) -> tuple[str, ...]:
     names = tuple(o.name for o in request.outputs) or ("hidden_states",)
     unknown = [n for n in names if n not in OUTPUT_NAMES]
     if unknown:
-        raise invalid(f"unknown requested outputs {unknown}; this model offers {list(OUTPUT_NAMES)}")
+        raise InvalidRequest(f"unknown requested outputs {unknown}; this model offers {list(OUTPUT_NAMES)}")
     return names
 
 

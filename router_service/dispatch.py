@@ -10,30 +10,26 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from cluster.placement import EMPTY, Placement
+from cluster.placement import EMPTY, ExpertShare, Placement
 from router_service.gate import Routing
 
 
 @dataclass(frozen=True)
 class WorkerRequest:
-    """One worker's share of a batch.
+    """One worker's share of a batch, as the router keeps it.
 
-    expert_ids: `[S]` logical experts (global ids) that receive tokens; offsets: `[S + 1]`,
-    expert `expert_ids[i]` gets rows `offsets[i]:offsets[i+1]` of token_idx/weights;
-    token_idx: `[N]` int64 rows of the batch; weights: `[N]` float32 gate weights. The worker
-    answers `[U, H]`, one summed row per distinct token (`rows`).
+    share: what the worker gets (`ExpertShare`: logical experts, their token rows and gate
+    weights); rows: `[U]` the distinct tokens of `share.token_idx`, ascending: the worker
+    answers `[U, H]`, one summed row per distinct token.
     """
 
     worker: int
-    expert_ids: np.ndarray
-    offsets: np.ndarray
-    token_idx: np.ndarray
-    weights: np.ndarray
-    rows: np.ndarray  # [U] distinct tokens of token_idx, ascending: the rows the worker returns
+    share: ExpertShare
+    rows: np.ndarray
 
     @property
     def num_tokens(self) -> int:
-        return int(self.token_idx.shape[0])
+        return self.share.num_tokens
 
 
 @dataclass(frozen=True)
@@ -154,9 +150,9 @@ def plan_retry(failed: Sequence[WorkerRequest], table: ReplicaTable,
                outstanding: np.ndarray | None = None) -> DispatchPlan:
     """Send the assignments of `failed` requests again, to the live replicas of `table`
     (built without the workers that failed). expert_tokens is zero: the load was counted once."""
-    logical = np.concatenate([np.repeat(r.expert_ids, np.diff(r.offsets)) for r in failed])
-    token_of = np.concatenate([r.token_idx for r in failed])
-    weight_of = np.concatenate([r.weights for r in failed])
+    logical = np.concatenate([np.repeat(r.share.expert_ids, np.diff(r.share.offsets)) for r in failed])
+    token_of = np.concatenate([r.share.token_idx for r in failed])
+    weight_of = np.concatenate([r.share.weights for r in failed])
     return _plan(logical, token_of, weight_of, table, outstanding, np.zeros(0, dtype=np.int64))
 
 
@@ -186,14 +182,13 @@ def _plan(logical: np.ndarray, token_of: np.ndarray, weight_of: np.ndarray, tabl
         lo, hi = np.searchsorted(worker, [w, w + 1])
         expert_ids, starts = np.unique(expert[lo:hi], return_index=True)
         token_idx = np.ascontiguousarray(token_of[order[lo:hi]])
-        requests.append(WorkerRequest(
-            worker=int(w),
+        share = ExpertShare(
             expert_ids=expert_ids,
             offsets=np.append(starts, hi - lo).astype(np.int64),
             token_idx=token_idx,
             weights=np.ascontiguousarray(weight_of[order[lo:hi]]),
-            rows=np.unique(token_idx),
-        ))
+        )
+        requests.append(WorkerRequest(worker=int(w), share=share, rows=np.unique(token_idx)))
     worker_tokens = np.bincount(worker, minlength=table.num_workers)
     return DispatchPlan(table.version, tuple(requests), expert_tokens, worker_tokens,
                         unserved_tokens, unserved_experts)

@@ -1,11 +1,33 @@
-"""Why a request could not be served, as the router knows it. The servicer turns each into a
-gRPC status (the one place that knows status codes); the messages are meant for users."""
+"""Why a request could not be served, as the router knows it. Each servicer turns these into
+gRPC statuses in one place (`servicer.status_code`, `AdminServicer._call`); nothing else in the
+router knows status codes. The messages are meant for users.
+"""
 
 from __future__ import annotations
 
 
+class InvalidRequest(ValueError):
+    """The request itself is at fault (a tensor, a parameter, a load or a placement that does not
+    fit the model or the protocol); `str()` says what to change."""
+
+
+class UnknownModel(LookupError):
+    """The request names a model (or a model version) this server does not serve."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:  # LookupError would quote a single argument
+        return self.message
+
+
 class ServingError(Exception):
     """A request the service could not serve now; `str()` is the message for the client."""
+
+
+class ModelNotReady(ServingError):
+    """The model is not serving yet (its workers are still loading)."""
 
 
 class WorkerLost(ServingError):

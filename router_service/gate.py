@@ -19,22 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.model_spec import GateSpec
-
-
-@dataclass(frozen=True)
-class GateWeights:
-    """A layer's router tensors, float32: weight `[E, H]`; correction_bias `[E]` (DeepSeek-V3),
-    shared_gate `[1, H]` (Qwen2-MoE), where the family has them."""
-
-    weight: torch.Tensor
-    correction_bias: torch.Tensor | None = None
-    shared_gate: torch.Tensor | None = None
-
-    def float(self) -> GateWeights:
-        def f(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.float().contiguous()
-        return GateWeights(f(self.weight), f(self.correction_bias), f(self.shared_gate))
+from cluster.model_spec import GateSpec, GateWeights
 
 
 @dataclass(frozen=True)

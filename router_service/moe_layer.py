@@ -16,14 +16,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from cluster.model_spec import ModelSpec
+from cluster.model_spec import GateWeights, ModelSpec
 from cluster.placement import Placement
-from cluster.placement_store import PlacementStore
-from router_service.dispatch import (
-    DispatchPlan, ReplicaTable, WorkerRequest, add_partials, plan_dispatch, plan_retry,
-)
+from router_service.dispatch import DispatchPlan, ReplicaTable, WorkerRequest, add_partials, plan_dispatch, plan_retry
 from router_service.errors import ExpertUnavailable, ServingError, WorkerLost
-from router_service.gate import GateWeights, Routing, route
+from router_service.gate import Routing, route
+from router_service.placement_store import PlacementStore
 
 
 class ExpertBackend(Protocol):

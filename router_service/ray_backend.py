@@ -51,9 +51,7 @@ class RayExpertBackend:
         if handle is None:
             raise WorkerLost(request.worker, "is down")
         call_id = next(self._call_ids)
-        ref = handle.forward.remote(
-            shared_x, request.expert_ids, request.offsets, request.token_idx, request.weights, call_id
-        )
+        ref = handle.forward.remote(shared_x, request.share, call_id)
         try:
             return await ref
         except asyncio.CancelledError:

@@ -9,8 +9,9 @@ from collections import deque
 import numpy as np
 import torch
 
-from cluster.load_stats import RouterReport
+from cluster.config import RouterConfig
 from cluster.model_spec import ModelSpec
+from cluster.planning.load_stats import RouterReport
 from router_service.batcher import Batcher, RequestResult
 from router_service.moe_layer import DistributedMoELayer, LayerOutput
 
@@ -25,7 +26,8 @@ class ModelRouter:
 
     MAX_DELAY_SAMPLES = 512  # queue delays kept between two reports (the latest ones)
 
-    def __init__(self, name: str, layer: DistributedMoELayer, batcher_options: dict, router_id: str = "router"):
+    def __init__(self, name: str, layer: DistributedMoELayer, config: RouterConfig, router_id: str = "router"):
+        """config: the router's section (batching and admission keys)."""
         self.name = name
         self.router_id = router_id
         self.spec: ModelSpec = layer.spec
@@ -36,7 +38,7 @@ class ModelRouter:
         self._queue_delays: deque[float] = deque(maxlen=self.MAX_DELAY_SAMPLES)
         self.batches_served = 0
         self._layer = layer
-        self._batcher = Batcher(self._forward, model=name, **batcher_options)
+        self._batcher = Batcher(self._forward, config, model=name)
 
     def __repr__(self) -> str:
         return f"ModelRouter(name={self.name!r}, ready={self.ready}, draining={self.draining})"

@@ -1,5 +1,5 @@
 """The KServe v2 `inference.GRPCInferenceService` servicer. Domain errors become gRPC status
-codes here, in one place; nothing else in the router knows about status codes."""
+codes here, in one place (`status_code`); nothing else in the router knows about status codes."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import grpc
 
 from protos import grpc_predict_v2_pb2 as pb
 from protos import grpc_predict_v2_pb2_grpc as pb_grpc
-from router_service.codec import INPUT_NAME, RequestError, decode_request, encode_tensor
-from router_service.errors import ExpertUnavailable, Overloaded, ServingError, WorkerLost
+from router_service.codec import INPUT_NAME, decode_request, encode_tensor
+from router_service.errors import ExpertUnavailable, InvalidRequest, ModelNotReady, Overloaded, UnknownModel, WorkerLost
 from router_service.router import ModelRouter
 
 log = logging.getLogger(__name__)
@@ -28,17 +28,35 @@ except PackageNotFoundError:  # running from a source tree
     SERVER_VERSION = "0+unknown"
 
 
-# What a client should do: UNAVAILABLE — retry (the service repairs itself); RESOURCE_EXHAUSTED —
-# back off, then retry.
-_SERVING_CODES = {
+# What a client should do: INVALID_ARGUMENT, NOT_FOUND — change the request; UNAVAILABLE — retry
+# (the service repairs itself, or is still starting); RESOURCE_EXHAUSTED — back off, then retry.
+_CODES: dict[type[Exception], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    UnknownModel: grpc.StatusCode.NOT_FOUND,
+    ModelNotReady: grpc.StatusCode.UNAVAILABLE,
     WorkerLost: grpc.StatusCode.UNAVAILABLE,
     ExpertUnavailable: grpc.StatusCode.UNAVAILABLE,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
+def status_code(err: Exception) -> grpc.StatusCode:
+    """The status the inference service answers `err` with: INTERNAL for anything that is not a
+    domain error (its message stays in the server log)."""
+    return next((code for kind, code in _CODES.items() if isinstance(err, kind)), grpc.StatusCode.INTERNAL)
+
+
+async def _abort(context, err: Exception, what: str, model: str) -> None:
+    """Answer `err` with its status; an unexpected error is logged, the client gets a generic message."""
+    code = status_code(err)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("%s failed for model %r", what, model, exc_info=err)
+        await context.abort(code, f"{what} failed inside the server; see the server log")
+    await context.abort(code, str(err))
+
+
 class RequestMetrics(Protocol):
-    """Where finished requests are counted (implemented by `cluster.metrics.RouterMetrics`)."""
+    """Where finished requests are counted (implemented by `cluster.control.metrics.RouterMetrics`)."""
 
     def record_request(self, model: str, code: str, latency_s: float, tokens: int) -> None: ...
     def queue(self, model: str, tokens: int) -> None: ...
@@ -55,15 +73,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _model(self, name: str, model_version: str = "") -> ModelRouter:
         model = self._models.get(name)
         if model is None:
-            raise RequestError(
-                grpc.StatusCode.NOT_FOUND,
-                f"unknown model '{name}'; this server serves {sorted(self._models)}",
-            )
+            raise UnknownModel(f"unknown model '{name}'; this server serves {sorted(self._models)}")
         if model_version not in ("", MODEL_VERSION):
-            raise RequestError(
-                grpc.StatusCode.NOT_FOUND,
-                f"model '{name}' has no version '{model_version}'; it has ['{MODEL_VERSION}']",
-            )
+            raise UnknownModel(f"model '{name}' has no version '{model_version}'; it has ['{MODEL_VERSION}']")
         return model
 
     async def ServerLive(self, request, context):
@@ -75,8 +87,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request, context):
         try:
             return pb.ModelReadyResponse(ready=self._model(request.name, request.version).reports_ready)
-        except RequestError as err:
-            await context.abort(err.code, err.message)
+        except UnknownModel as err:
+            await _abort(context, err, "ModelReady", request.name)
 
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=[])
@@ -84,8 +96,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request, context):
         try:
             model = self._model(request.name, request.version)
-        except RequestError as err:
-            await context.abort(err.code, err.message)
+        except UnknownModel as err:
+            await _abort(context, err, "ModelMetadata", request.name)
         spec = model.spec
         meta = pb.ModelMetadataResponse.TensorMetadata
         response = pb.ModelMetadataResponse(
@@ -133,16 +145,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             model = self._model(request.model_name, request.model_version)
             if not model.ready:
-                raise RequestError(grpc.StatusCode.UNAVAILABLE, f"model '{model.name}' is not ready yet")
+                raise ModelNotReady(f"model '{model.name}' is not ready yet")
             decoded = decode_request(request, model.spec)
             result = await model.infer(decoded.layer, decoded.hidden)
-        except RequestError as err:
-            await context.abort(err.code, err.message)
-        except ServingError as err:
-            await context.abort(_SERVING_CODES[type(err)], str(err))
-        except Exception:
-            log.exception("inference failed for model %r", request.model_name)
-            await context.abort(grpc.StatusCode.INTERNAL, "inference failed inside the server; see the server log")
+        except Exception as err:
+            await _abort(context, err, "inference", request.model_name)
         values = {
             "hidden_states": (result.hidden, decoded.wire_dtype),
             "topk_ids": (result.topk_ids, "INT32"),

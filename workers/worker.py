@@ -17,6 +17,7 @@ import ray
 import torch
 
 from cluster.model_spec import ModelSpec
+from cluster.placement import ExpertShare
 from workers.expert_math import fuse_w13, run_experts
 from workers.weights import WeightSource
 
@@ -111,28 +112,21 @@ class ExpertWorker:
     # The hot path and the probes keep no per-call task events in Ray's GCS (they would grow it
     # by an event per batch share, ~25 MiB/min under load); the metrics count them instead.
     @ray.method(enable_task_events=False)
-    def forward(
-        self,
-        x: np.ndarray,
-        expert_ids: np.ndarray,
-        offsets: np.ndarray,
-        token_idx: np.ndarray,
-        weights: np.ndarray,
-        call_id: int | None = None,
-    ) -> np.ndarray:
+    def forward(self, x: np.ndarray, share: ExpertShare, call_id: int | None = None) -> np.ndarray:
         """Run this worker's share of one batch.
 
         x: `[T, H]` float32, the whole batch (shared by all workers through the object store);
-        expert_ids: `[S]` logical experts; offsets: `[S + 1]`; token_idx: `[N]` rows of x,
-        grouped by expert; weights: `[N]` gate weights. Returns `[U, H]` float32: for each
-        distinct token of token_idx (ascending), the sum of its gate-weighted expert outputs.
-        A call the router gave up on (`skip(call_id)` came first) returns `[0, H]` at once.
+        share: which of this worker's logical experts get which rows of x, with what gate
+        weight. Returns `[U, H]` float32: for each distinct token of `share.token_idx`
+        (ascending), the sum of its gate-weighted expert outputs. A call the router gave up on
+        (`skip(call_id)` came first) returns `[0, H]` at once.
         """
         if call_id is not None and call_id in self._skip:
             self._skip.discard(call_id)
             self._skipped += 1
             return np.zeros((0, x.shape[1]), dtype=np.float32)
         start = time.perf_counter()
+        expert_ids, offsets, token_idx = share.expert_ids, share.offsets, share.token_idx
         missing = [int(e) for e in expert_ids if int(e) not in self._experts]
         if missing:
             raise KeyError(f"worker {self.index} has no replica of logical experts {missing}")
@@ -141,7 +135,7 @@ class ExpertWorker:
             [self._experts[int(e)] for e in expert_ids],
             torch.from_numpy(offsets),
             torch.from_numpy(token_idx).to(self.device),
-            torch.from_numpy(weights).to(self.device),
+            torch.from_numpy(share.weights).to(self.device),
         )
         for e, n in zip(expert_ids.tolist(), np.diff(offsets).tolist()):
             self._expert_tokens[e] += n

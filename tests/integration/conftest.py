@@ -14,12 +14,14 @@ from collections.abc import Callable, Iterator
 import pytest
 import ray
 
+from cluster.app.launcher import connect_ray, deploy
+from cluster.app.reference import ReferenceMoE
 from cluster.config import RayConfig, ServeConfig
-from cluster.launcher import connect_ray, deploy
 from router_service.client import MoEClient
 from tests.integration.support import NAMESPACE, Served, run_on, serve_config
-from workers.reference import ReferenceMoE
-from workers.weights import HFCheckpoint, RandomModel, WeightSource
+from workers.hf_checkpoint import HFCheckpoint
+from workers.random_model import RandomModel
+from workers.weights import WeightSource
 from workers.worker import ExpertWorker
 
 # The model most tests share: 2 MoE layers x 8 experts over 2 workers.

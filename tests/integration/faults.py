@@ -25,15 +25,15 @@ class FaultyWorker(ExpertWorker):
     """An expert worker whose process exits (as on a segfault or OOM kill) when its share of a
     batch contains the poison token, and that computes slowly when it contains the slow one."""
 
-    def forward(self, x: np.ndarray, expert_ids, offsets, token_idx, weights, call_id=None):
+    def forward(self, x: np.ndarray, share, call_id=None):
         if call_id is not None and call_id in self._skip:  # given up on: no fault, no wait
-            return super().forward(x, expert_ids, offsets, token_idx, weights, call_id)
-        first = x[token_idx, 0]
+            return super().forward(x, share, call_id)
+        first = x[share.token_idx, 0]
         if np.any(first == POISON):
             os._exit(1)
         if np.any(first == SLOW):
             time.sleep(SLOW_S)
-        return super().forward(x, expert_ids, offsets, token_idx, weights, call_id)
+        return super().forward(x, share, call_id)
 
 
 def register() -> None:

@@ -18,12 +18,12 @@ import time
 import ray
 from ray.cluster_utils import Cluster
 
+from bench.load_driver import LoadDriver
+from cluster.app.launcher import deploy
+from cluster.app.reference import ReferenceMoE
 from cluster.config import validate_config
-from cluster.launcher import deploy
-from cluster.load_driver import LoadDriver
 from cluster.placement import Placement
-from workers.reference import ReferenceMoE
-from workers.weights import RandomModel
+from workers.random_model import RandomModel
 
 MODEL = {"layers": 2, "experts": 4, "hidden": 48, "ffn": 96, "top_k": 2, "seed": 51}
 WORKERS = 3

@@ -21,12 +21,12 @@ import ray
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.load_driver import FP32_REL_TOL, LoadDriver  # noqa: F401  (LoadDriver: for the tests)
+from cluster.app.launcher import Deployment
+from cluster.app.reference import ReferenceMoE
 from cluster.config import ServeConfig, validate_config
-from cluster.launcher import Deployment
-from cluster.load_driver import FP32_REL_TOL, LoadDriver  # noqa: F401  (LoadDriver: for the tests)
 from cluster.model_spec import ModelSpec
 from router_service.client import MoEClient
-from workers.reference import ReferenceMoE
 
 NAMESPACE = "moe-serve-test"
 # Relative error of answering in a 16-bit type: half an ulp of the largest output, plus slack.

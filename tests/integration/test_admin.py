@@ -199,7 +199,7 @@ def test_rebalance_explains_and_force_applies(served, admin):
 def cli(served: Served, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, COLUMNS="200", PYTHONPATH=str(ROOT))
     return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *args, "--address", served.address, "--model", MODEL],
+        [sys.executable, "-m", "cluster.app.cli", *args, "--address", served.address, "--model", MODEL],
         capture_output=True, text=True, env=env, timeout=120, cwd=ROOT,
     )
 
@@ -220,7 +220,7 @@ def test_cli_load_prints_tables_and_json(served):
 
 
 def test_cli_load_records_a_trace_the_simulator_replays(served, tmp_path):
-    from cluster.traces import LoadTrace
+    from cluster.sim.traces import LoadTrace
 
     trace_file = tmp_path / "recorded.jsonl"
     ok(cli(served, "load", "--record", str(trace_file), "--interval-s", "0.2", "--duration-s", "0.7"))
@@ -316,7 +316,7 @@ def test_cli_rejected_import_exits_1_with_the_status(served, tmp_path):
 def test_cli_unknown_model_exits_1(served):
     env = dict(os.environ, COLUMNS="200", PYTHONPATH=str(ROOT))
     done = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "load", "--address", served.address, "--model", "nope"],
+        [sys.executable, "-m", "cluster.app.cli", "load", "--address", served.address, "--model", "nope"],
         capture_output=True, text=True, env=env, timeout=120, cwd=ROOT,
     )
     assert done.returncode == 1 and "NOT_FOUND" in done.stdout

@@ -17,10 +17,10 @@ import pytest
 import torch
 import yaml
 
+from cluster.app.reference import ReferenceMoE
 from cluster.config import RandomModelConfig
 from tests.integration.support import FP32_REL_TOL, MARKS, free_port, health_status, rel_err, wait_until
-from workers.reference import ReferenceMoE
-from workers.weights import RandomModel
+from workers.random_model import RandomModel
 
 pytestmark = MARKS
 

@@ -3,7 +3,7 @@ rising load adds a fake GPU node and a serving worker, idle load removes both, a
 fails or comes back wrong during either.
 
 The scenario is the live autoscaling benchmark; it runs in its own PID, mount and network
-namespace, because the fake cluster runs `ray stop --force` (see `cluster.local_cluster`).
+namespace, because the fake cluster runs `ray stop --force` (see `cluster.app.local_cluster`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.local_cluster import can_isolate
+from cluster.app.local_cluster import can_isolate
 from tests.integration.support import MARKS
 
 pytestmark = MARKS

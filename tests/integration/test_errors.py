@@ -13,15 +13,7 @@ import pytest
 from protos import grpc_predict_v2_pb2 as pb
 from protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from router_service.client import build_request
-from tests.integration.support import (
-    FP32_REL_TOL,
-    MARKS,
-    Served,
-    health_status,
-    hidden_states,
-    rel_err,
-    serve_config,
-)
+from tests.integration.support import FP32_REL_TOL, MARKS, Served, health_status, hidden_states, rel_err, serve_config
 
 pytestmark = MARKS
 

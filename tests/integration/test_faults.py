@@ -15,7 +15,7 @@ import grpc
 import pytest
 import ray
 
-from cluster.metrics import exported_name
+from cluster.control.metrics import exported_name
 from cluster.placement import Placement
 from tests.integration import faults
 from tests.integration.support import (

@@ -14,9 +14,10 @@ import ray
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from cluster.app.launcher import Deployment, deploy
+from cluster.app.reference import ReferenceMoE
 from protos import grpc_predict_v2_pb2 as pb
 from protos import grpc_predict_v2_pb2_grpc as pb_grpc
-from cluster.launcher import Deployment, deploy
 from router_service.client import MoEClient, build_request
 from tests.integration import faults
 from tests.integration.support import (
@@ -31,8 +32,7 @@ from tests.integration.support import (
     serve_config,
     wait_until,
 )
-from workers.reference import ReferenceMoE
-from workers.weights import RandomModel
+from workers.random_model import RandomModel
 
 pytestmark = MARKS
 

@@ -17,7 +17,7 @@ import grpc
 import pytest
 import torch
 
-from cluster.verify import LOGIT_REL_TOL, verify
+from cluster.app.verify import LOGIT_REL_TOL, verify
 from tests.integration.support import FP32_REL_TOL, MARKS, Served, hidden_states, rel_err, serve_config
 from workers.tiny_models import FAMILIES, TinyFamily
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from cluster.config import validate_config
-from cluster.traffic import SkewedTraffic
 from cluster.placement import Placement
+from cluster.sim.traffic import SkewedTraffic
 from tests.integration.support import MARKS, LoadDriver, run_on, serve_config
 
 pytestmark = MARKS

@@ -9,9 +9,19 @@ import grpc
 import numpy as np
 import pytest
 
-from cluster.metrics import METRICS, exported_name
+from cluster.control.metrics import METRICS, exported_name
 from cluster.placement import EMPTY, Placement
-from tests.integration.support import MARKS, LoadDriver, Served, hidden_states, run_on, scrape, serve_config, total, wait_until
+from tests.integration.support import (
+    MARKS,
+    LoadDriver,
+    Served,
+    hidden_states,
+    run_on,
+    scrape,
+    serve_config,
+    total,
+    wait_until,
+)
 
 pytestmark = MARKS
 

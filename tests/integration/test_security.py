@@ -17,17 +17,26 @@ import grpc
 import numpy as np
 import pytest
 
+from cluster.app.launcher import deploy
+from cluster.app.reference import ReferenceMoE
 from cluster.config import ConfigError, ServeConfig
-from cluster.launcher import deploy
 from protos import moe_admin_pb2 as admin_pb2
 from protos import moe_admin_pb2_grpc as admin_pb2_grpc
 from router_service.admin_client import AdminClient
 from router_service.client import MoEClient, build_request
 from router_service.security import ClientCredentials
-from tests.integration.support import MARKS, NAMESPACE, Served, health_status, hidden_states, run_on, serve_config, wait_until
+from tests.integration.support import (
+    MARKS,
+    NAMESPACE,
+    Served,
+    health_status,
+    hidden_states,
+    run_on,
+    serve_config,
+    wait_until,
+)
 from tests.unit.test_security import ADMIN_TOKEN, INFERENCE_TOKEN, Pki, make_pki
-from workers.reference import ReferenceMoE
-from workers.weights import RandomModel
+from workers.random_model import RandomModel
 
 pytestmark = MARKS
 

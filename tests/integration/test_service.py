@@ -17,13 +17,13 @@ import ray
 import torch
 import yaml
 
-from cluster.service import controller_name, create_controller, find_controller, router_name
+from cluster.app.reference import ReferenceMoE
+from cluster.app.service import controller_name, create_controller, find_controller, router_name
+from cluster.control.metrics import exported_name
 from router_service.client import MoEClient
 from tests.integration.conftest import reference_weights
-from cluster.metrics import exported_name
 from tests.integration.support import MARKS, NAMESPACE, LoadDriver, free_port, scrape, serve_config, total, wait_until
 from workers.pool import worker_name
-from workers.reference import ReferenceMoE
 
 pytestmark = MARKS
 

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from cluster.console import placement_table
+from cluster.app.console import placement_table
 from tests.integration.support import MARKS, LoadDriver, run_on, serve_config
 from workers.tiny_models import BY_NAME
 

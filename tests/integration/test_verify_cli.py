@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.cli import main
+from cluster.app.cli import main
 from tests.integration.support import MARKS, serve_config
 from tests.integration.test_cli import MOE_SERVE, _env
 from workers.tiny_models import BY_NAME

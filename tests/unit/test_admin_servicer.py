@@ -18,16 +18,16 @@ import grpc
 import numpy as np
 import pytest
 
-from cluster.admin import ModelAdmin
-from cluster.controller import RebalanceEvent
-from cluster.load_stats import LoadSnapshot
+from cluster.control.admin import ModelAdmin
+from cluster.control.controller import RebalanceEvent
+from cluster.control.rebalancer import MigrationReport
 from cluster.model_spec import ModelSpec
 from cluster.placement import EMPTY, Placement
-from cluster.placement_store import PlacementStore
-from cluster.planner import layer_balancedness
-from cluster.rebalancer import MigrationReport
+from cluster.planning.load_stats import LoadSnapshot
+from cluster.planning.planner import layer_balancedness
 from protos import moe_admin_pb2 as admin_pb2
 from router_service.admin_servicer import AdminServicer, placement_from_pb, placement_to_pb
+from router_service.placement_store import PlacementStore
 from tests.unit.grpc_context import Aborted, FakeContext
 
 MODEL = "tiny"
@@ -328,7 +328,7 @@ def test_router_side_never_imports_the_control_loop_or_workers():
     code = (
         "import sys, router_service.admin_servicer, router_service.admin_client\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('workers', 'ray') or m in "
-        "('cluster.controller', 'cluster.admin', 'cluster.rebalancer'))\n"
+        "('cluster.control.controller', 'cluster.control.admin', 'cluster.control.rebalancer'))\n"
         "print(bad); sys.exit(1 if bad else 0)\n"
     )
     root = Path(__file__).resolve().parents[2]

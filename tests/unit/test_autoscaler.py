@@ -2,8 +2,8 @@
 
 import pytest
 
-from cluster.autoscaler import AutoscaleState, ScaleSnapshot, decide
 from cluster.config import AutoscalingConfig
+from cluster.planning.autoscaler import AutoscaleState, ScaleSnapshot, decide
 
 # target 1000 tok/s per worker; scale in only below 0.5 x 1000 = 500 per remaining worker
 CFG = AutoscalingConfig(

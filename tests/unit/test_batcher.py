@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from cluster.config import RouterConfig
 from router_service.batcher import Batcher, RequestResult
 from router_service.errors import ExpertUnavailable, Overloaded
 from router_service.gate import Routing
@@ -122,7 +123,7 @@ def assert_own_rows(result: RequestResult, hidden: torch.Tensor) -> None:
 def test_simultaneous_submits_share_one_batch() -> None:
     async def scenario() -> None:
         model = FakeModel()
-        batcher = Batcher(model.forward, max_batch_tokens=100, max_wait_ms=1.0, max_inflight_batches=2)
+        batcher = Batcher(model.forward, RouterConfig(max_batch_tokens=100, max_wait_ms=1.0, max_inflight_batches=2))
         client = Client(batcher)
         submitted = [client.submit(i, tokens) for i, tokens in enumerate([2, 1, 3])]
 
@@ -141,7 +142,7 @@ def test_simultaneous_submits_share_one_batch() -> None:
 def test_requests_arriving_while_workers_are_busy_join_one_batch() -> None:
     async def scenario() -> None:
         model = FakeModel(hold_first=True)
-        batcher = Batcher(model.forward, max_batch_tokens=100, max_wait_ms=1.0, max_inflight_batches=1)
+        batcher = Batcher(model.forward, RouterConfig(max_batch_tokens=100, max_wait_ms=1.0, max_inflight_batches=1))
         client = Client(batcher)
         first = client.submit(0, 2)
         await model.first_started.wait()
@@ -163,7 +164,7 @@ def test_requests_arriving_while_workers_are_busy_join_one_batch() -> None:
 def test_token_limit_holds_and_requests_never_split() -> None:
     async def scenario() -> None:
         model = FakeModel(hold_first=True)
-        batcher = Batcher(model.forward, max_batch_tokens=8, max_wait_ms=1.0, max_inflight_batches=1)
+        batcher = Batcher(model.forward, RouterConfig(max_batch_tokens=8, max_wait_ms=1.0, max_inflight_batches=1))
         client = Client(batcher)
         first = client.submit(0, 1)
         await model.first_started.wait()
@@ -188,7 +189,7 @@ def test_full_batch_does_not_wait_for_max_wait() -> None:
     async def scenario() -> None:
         model = FakeModel()
         # a 60 s window: the request only returns in time if a full batch closes at once
-        batcher = Batcher(model.forward, max_batch_tokens=4, max_wait_ms=60_000, max_inflight_batches=1)
+        batcher = Batcher(model.forward, RouterConfig(max_batch_tokens=4, max_wait_ms=60_000, max_inflight_batches=1))
         hidden = rows(0, 4)
 
         result = await asyncio.wait_for(batcher.submit(0, hidden), 5.0)
@@ -203,7 +204,7 @@ def test_wait_window_collects_later_requests_until_the_batch_is_full() -> None:
     async def scenario() -> None:
         model = FakeModel()
         # a 60 s window: the test only finishes in time because the batch fills up and goes
-        batcher = Batcher(model.forward, max_batch_tokens=5, max_wait_ms=60_000, max_inflight_batches=1)
+        batcher = Batcher(model.forward, RouterConfig(max_batch_tokens=5, max_wait_ms=60_000, max_inflight_batches=1))
         client = Client(batcher)
         first = client.submit(0, 2)
         await client.all_entered(1)
@@ -224,7 +225,7 @@ def test_wait_window_collects_later_requests_until_the_batch_is_full() -> None:
 def test_many_concurrent_callers_each_get_their_own_rows() -> None:
     async def scenario() -> None:
         model = FakeModel()
-        batcher = Batcher(model.forward, max_batch_tokens=16, max_wait_ms=0.5, max_inflight_batches=2)
+        batcher = Batcher(model.forward, RouterConfig(max_batch_tokens=16, max_wait_ms=0.5, max_inflight_batches=2))
         client = Client(batcher)
         rng = np.random.default_rng(0)
         submitted = [client.submit(i, int(rng.integers(1, 9))) for i in range(40)]
@@ -249,7 +250,7 @@ def test_many_concurrent_callers_each_get_their_own_rows() -> None:
 def test_request_cancelled_while_queued_never_reaches_forward() -> None:
     async def scenario() -> None:
         model = FakeModel(hold_first=True)
-        batcher = Batcher(model.forward, max_batch_tokens=100, max_wait_ms=1.0, max_inflight_batches=1)
+        batcher = Batcher(model.forward, RouterConfig(max_batch_tokens=100, max_wait_ms=1.0, max_inflight_batches=1))
         client = Client(batcher)
         first = client.submit(0, 1)
         await model.first_started.wait()
@@ -274,7 +275,7 @@ def test_request_cancelled_while_queued_never_reaches_forward() -> None:
 def test_all_requests_cancelled_leaves_the_batcher_working() -> None:
     async def scenario() -> None:
         model = FakeModel(hold_first=True)
-        batcher = Batcher(model.forward, max_batch_tokens=100, max_wait_ms=1.0, max_inflight_batches=1)
+        batcher = Batcher(model.forward, RouterConfig(max_batch_tokens=100, max_wait_ms=1.0, max_inflight_batches=1))
         client = Client(batcher)
         first = client.submit(0, 1)
         await model.first_started.wait()
@@ -299,7 +300,7 @@ def test_all_requests_cancelled_leaves_the_batcher_working() -> None:
 def test_forward_error_reaches_every_waiter_and_the_next_batch_works() -> None:
     async def scenario() -> None:
         model = FakeModel(hold_first=True, fail_calls=(1,))
-        batcher = Batcher(model.forward, max_batch_tokens=100, max_wait_ms=1.0, max_inflight_batches=1)
+        batcher = Batcher(model.forward, RouterConfig(max_batch_tokens=100, max_wait_ms=1.0, max_inflight_batches=1))
         client = Client(batcher)
         first = client.submit(0, 1)
         await model.first_started.wait()
@@ -324,7 +325,7 @@ def test_forward_error_reaches_every_waiter_and_the_next_batch_works() -> None:
 def test_layers_are_batched_apart() -> None:
     async def scenario() -> None:
         model = FakeModel()
-        batcher = Batcher(model.forward, max_batch_tokens=100, max_wait_ms=1.0, max_inflight_batches=1)
+        batcher = Batcher(model.forward, RouterConfig(max_batch_tokens=100, max_wait_ms=1.0, max_inflight_batches=1))
         client = Client(batcher)
         submitted = [client.submit(i, 2, layer=i % 2) for i in range(6)]
 
@@ -347,7 +348,7 @@ def test_layers_are_batched_apart() -> None:
 def test_close_then_submit_again() -> None:
     async def scenario() -> None:
         model = FakeModel()
-        batcher = Batcher(model.forward, max_batch_tokens=100, max_wait_ms=1.0, max_inflight_batches=1)
+        batcher = Batcher(model.forward, RouterConfig(max_batch_tokens=100, max_wait_ms=1.0, max_inflight_batches=1))
         hidden = rows(0, 2)
         assert_own_rows(await batcher.submit(0, hidden), hidden)
 
@@ -365,7 +366,7 @@ def test_close_then_submit_again() -> None:
 def test_close_cancels_requests_queued_behind_busy_workers() -> None:
     async def scenario() -> None:
         model = FakeModel(hold_first=True)
-        batcher = Batcher(model.forward, max_batch_tokens=100, max_wait_ms=0.0, max_inflight_batches=1)
+        batcher = Batcher(model.forward, RouterConfig(max_batch_tokens=100, max_wait_ms=0.0, max_inflight_batches=1))
         client = Client(batcher)
         first = client.submit(0, 1)
         await model.first_started.wait()
@@ -391,7 +392,7 @@ def test_close_during_the_wait_window_leaves_no_caller_waiting() -> None:
     async def scenario() -> None:
         model = FakeModel()
         # a 60 s window: the batch is formed and waits for more requests when close() comes
-        batcher = Batcher(model.forward, max_batch_tokens=100, max_wait_ms=60_000, max_inflight_batches=1)
+        batcher = Batcher(model.forward, RouterConfig(max_batch_tokens=100, max_wait_ms=60_000, max_inflight_batches=1))
         client = Client(batcher)
         _, waiting = client.submit(0, 2)
         await client.all_entered(1)
@@ -429,7 +430,7 @@ class UnservedModel(FakeModel):
 def test_failed_tokens_fail_only_their_own_request() -> None:
     async def scenario() -> None:
         model = UnservedModel(bad_id=2)
-        batcher = Batcher(model.forward, max_batch_tokens=100, max_wait_ms=5.0, max_inflight_batches=1)
+        batcher = Batcher(model.forward, RouterConfig(max_batch_tokens=100, max_wait_ms=5.0, max_inflight_batches=1))
         client = Client(batcher)
         calls = [client.submit(i, 3) for i in (1, 2, 3)]
         done = await asyncio.gather(*(task for _, task in calls), return_exceptions=True)
@@ -444,8 +445,8 @@ def test_failed_tokens_fail_only_their_own_request() -> None:
 def test_a_full_queue_refuses_at_once_and_a_lone_large_request_still_goes() -> None:
     async def scenario() -> None:
         model = FakeModel(hold_first=True)
-        batcher = Batcher(model.forward, max_batch_tokens=100, max_wait_ms=0.0, max_inflight_batches=1,
-                          max_queued_tokens=10, model="m")
+        batcher = Batcher(model.forward, RouterConfig(max_batch_tokens=100, max_wait_ms=0.0, max_inflight_batches=1,
+                                                      max_queued_tokens=10), model="m")
         client = Client(batcher)
         _, first = client.submit(1, 50)  # more than the limit, alone: it goes
         await model.first_started.wait()
@@ -463,7 +464,7 @@ def test_a_full_queue_refuses_at_once_and_a_lone_large_request_still_goes() -> N
 def test_a_batch_whose_every_request_is_cancelled_is_cancelled_in_the_workers() -> None:
     async def scenario() -> None:
         model = FakeModel(hold_first=True)
-        batcher = Batcher(model.forward, max_batch_tokens=100, max_wait_ms=0.0, max_inflight_batches=1)
+        batcher = Batcher(model.forward, RouterConfig(max_batch_tokens=100, max_wait_ms=0.0, max_inflight_batches=1))
         client = Client(batcher)
         _, a = client.submit(1, 4)
         await model.first_started.wait()

@@ -11,7 +11,9 @@ import torch
 
 from cluster.model_spec import ModelSpec
 from protos import grpc_predict_v2_pb2 as pb
-from router_service.codec import RequestError, decode_request, encode_tensor
+from router_service.codec import decode_request, encode_tensor
+from router_service.errors import InvalidRequest
+from router_service.servicer import status_code
 
 H = 4
 SPEC = ModelSpec(
@@ -70,10 +72,10 @@ def make_request(
 
 def refused(request: pb.ModelInferRequest, spec: ModelSpec = SPEC) -> str:
     """Decode expecting INVALID_ARGUMENT; returns the message."""
-    with pytest.raises(RequestError) as info:
+    with pytest.raises(InvalidRequest) as info:
         decode_request(request, spec)
-    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    return info.value.message
+    assert status_code(info.value) == grpc.StatusCode.INVALID_ARGUMENT
+    return str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,13 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import (
-    ConfigError,
-    RandomModelConfig,
-    ServeConfig,
-    load_config,
-    validate_config,
-)
+from cluster.config import ConfigError, RandomModelConfig, ServeConfig, load_config, validate_config
 from cluster.model_spec import ModelSpec
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from cluster.console import worker_events_table, worker_load_table
+from cluster.app.console import worker_events_table, worker_load_table
 
 
 def _text(renderable) -> str:

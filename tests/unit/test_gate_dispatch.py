@@ -50,19 +50,19 @@ def assert_plan_invariants(
     assert workers == sorted(set(workers)), "one request per worker, in worker order"
     assert plan.placement_version == placement.version
     for req in plan.requests:
-        assert req.offsets[0] == 0 and req.offsets[-1] == req.num_tokens
-        assert (np.diff(req.offsets) > 0).all(), "no empty segments"
-        assert list(req.expert_ids) == sorted(set(req.expert_ids.tolist()))
-        assert req.expert_ids.dtype == np.int64 and req.offsets.dtype == np.int64
-        assert req.token_idx.dtype == np.int64 and req.weights.dtype == np.float32
-        for i, expert in enumerate(req.expert_ids):
+        assert req.share.offsets[0] == 0 and req.share.offsets[-1] == req.num_tokens
+        assert (np.diff(req.share.offsets) > 0).all(), "no empty segments"
+        assert list(req.share.expert_ids) == sorted(set(req.share.expert_ids.tolist()))
+        assert req.share.expert_ids.dtype == np.int64 and req.share.offsets.dtype == np.int64
+        assert req.share.token_idx.dtype == np.int64 and req.share.weights.dtype == np.float32
+        for i, expert in enumerate(req.share.expert_ids):
             assert req.worker in [w for w, _ in placement.replicas[expert]], (
                 f"worker {req.worker} hosts no replica of logical expert {expert}"
             )
             local = expert - moe_index * num_experts
             assert 0 <= local < num_experts, "expert of another layer"
-            lo, hi = req.offsets[i], req.offsets[i + 1]
-            for t, w in zip(req.token_idx[lo:hi], req.weights[lo:hi]):
+            lo, hi = req.share.offsets[i], req.share.offsets[i + 1]
+            for t, w in zip(req.share.token_idx[lo:hi], req.share.weights[lo:hi]):
                 (js,) = np.nonzero(ids[t] == local)
                 assert js.size == 1, f"token {t} was not routed to expert {local}"
                 assert w == weights[t, js[0]]
@@ -82,9 +82,9 @@ def expert_shares(plan: DispatchPlan, expert: int) -> dict[int, list[int]]:
     """`{worker: token rows}` of one logical expert, in worker order (workers with none left out)."""
     shares = {}
     for req in plan.requests:
-        for i, e in enumerate(req.expert_ids):
+        for i, e in enumerate(req.share.expert_ids):
             if e == expert:
-                shares[req.worker] = req.token_idx[req.offsets[i]:req.offsets[i + 1]].tolist()
+                shares[req.worker] = req.share.token_idx[req.share.offsets[i]:req.share.offsets[i + 1]].tolist()
     return shares
 
 
@@ -98,13 +98,13 @@ def fake_workers(x: np.ndarray, plan: DispatchPlan, mats: np.ndarray) -> list[np
     gate-weighted fake expert outputs, `[U, H]` per request."""
     outputs = []
     for req in plan.requests:
-        assert list(req.rows) == sorted(set(req.token_idx.tolist()))
+        assert list(req.rows) == sorted(set(req.share.token_idx.tolist()))
         y = np.zeros((len(req.rows), x.shape[1]), dtype=np.float32)
         position = {int(t): i for i, t in enumerate(req.rows)}
-        for i, expert in enumerate(req.expert_ids):
-            for j in range(req.offsets[i], req.offsets[i + 1]):
-                t = int(req.token_idx[j])
-                y[position[t]] += (x[t] @ mats[expert]) * req.weights[j]
+        for i, expert in enumerate(req.share.expert_ids):
+            for j in range(req.share.offsets[i], req.share.offsets[i + 1]):
+                t = int(req.share.token_idx[j])
+                y[position[t]] += (x[t] @ mats[expert]) * req.share.weights[j]
         outputs.append(y)
     return outputs
 
@@ -306,7 +306,7 @@ def test_tokens_of_an_unserved_expert_are_not_sent_anywhere() -> None:
     np.testing.assert_array_equal(plan.unserved_tokens, [0, 1])
     np.testing.assert_array_equal(plan.unserved_experts, [0, 2])
     assert [r.worker for r in plan.requests] == [1]
-    np.testing.assert_array_equal(plan.requests[0].token_idx, [2, 2])  # token 2 alone: experts 1, 3
+    np.testing.assert_array_equal(plan.requests[0].share.token_idx, [2, 2])  # token 2 alone: experts 1, 3
     np.testing.assert_array_equal(plan.expert_tokens, [1, 2, 1, 2])  # the load counts every token
 
 
@@ -319,9 +319,9 @@ def test_a_retry_sends_the_same_assignments_to_the_other_replicas() -> None:
     retry = plan_retry(lost, ReplicaTable(placement, down=frozenset({0})))
 
     assert [r.worker for r in retry.requests] == [1]
-    sent = sorted(zip(np.repeat(lost[0].expert_ids, np.diff(lost[0].offsets)), lost[0].token_idx, lost[0].weights))
+    sent = sorted(zip(np.repeat(lost[0].share.expert_ids, np.diff(lost[0].share.offsets)), lost[0].share.token_idx, lost[0].share.weights))
     again = retry.requests[0]
-    resent = sorted(zip(np.repeat(again.expert_ids, np.diff(again.offsets)), again.token_idx, again.weights))
+    resent = sorted(zip(np.repeat(again.share.expert_ids, np.diff(again.share.offsets)), again.share.token_idx, again.share.weights))
     assert sent == resent
     assert not retry.expert_tokens.any()  # the load was counted once, by the first plan
 
@@ -336,15 +336,15 @@ def test_plan_dispatch_golden_second_layer() -> None:
 
     w0, w1 = plan.requests
     assert w0.worker == 0
-    np.testing.assert_array_equal(w0.expert_ids, [4, 6])
-    np.testing.assert_array_equal(w0.offsets, [0, 2, 3])
-    np.testing.assert_array_equal(w0.token_idx, [0, 1, 1])
-    np.testing.assert_array_equal(w0.weights, np.array([0.75, 0.5, 0.5], dtype=np.float32))
+    np.testing.assert_array_equal(w0.share.expert_ids, [4, 6])
+    np.testing.assert_array_equal(w0.share.offsets, [0, 2, 3])
+    np.testing.assert_array_equal(w0.share.token_idx, [0, 1, 1])
+    np.testing.assert_array_equal(w0.share.weights, np.array([0.75, 0.5, 0.5], dtype=np.float32))
     assert w1.worker == 1
-    np.testing.assert_array_equal(w1.expert_ids, [5])
-    np.testing.assert_array_equal(w1.offsets, [0, 1])
-    np.testing.assert_array_equal(w1.token_idx, [0])
-    np.testing.assert_array_equal(w1.weights, np.array([0.25], dtype=np.float32))
+    np.testing.assert_array_equal(w1.share.expert_ids, [5])
+    np.testing.assert_array_equal(w1.share.offsets, [0, 1])
+    np.testing.assert_array_equal(w1.share.token_idx, [0])
+    np.testing.assert_array_equal(w1.share.weights, np.array([0.25], dtype=np.float32))
     np.testing.assert_array_equal(plan.expert_tokens, [2, 1, 1, 0])
     np.testing.assert_array_equal(plan.worker_tokens, [3, 1])
 
@@ -381,8 +381,8 @@ def test_replicated_expert_gets_near_equal_contiguous_shares() -> None:
     plan = plan_dispatch(routing, 0, 4, ReplicaTable(placement))
 
     w0, w1 = plan.requests
-    assert (w0.worker, w0.expert_ids.tolist(), w0.token_idx.tolist()) == (0, [2], [0, 1, 2, 3])
-    assert (w1.worker, w1.expert_ids.tolist(), w1.token_idx.tolist()) == (1, [2], [4, 5, 6])
+    assert (w0.worker, w0.share.expert_ids.tolist(), w0.share.token_idx.tolist()) == (0, [2], [0, 1, 2, 3])
+    assert (w1.worker, w1.share.expert_ids.tolist(), w1.share.token_idx.tolist()) == (1, [2], [4, 5, 6])
     np.testing.assert_array_equal(plan.worker_tokens, [4, 3])
 
 
@@ -502,7 +502,7 @@ def test_queues_do_not_move_experts_with_one_replica() -> None:
     for a, b in zip(plain.requests, queued.requests, strict=True):
         assert a.worker == b.worker
         for field in ("expert_ids", "offsets", "token_idx", "weights"):
-            np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+            np.testing.assert_array_equal(getattr(a.share, field), getattr(b.share, field), err_msg=field)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkR
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock, Qwen2MoeTopKRouter
 
-from cluster.model_spec import GateSpec, ModelSpec
-from router_service.gate import GateWeights, Routing, route, softmax_topk_route
+from cluster.model_spec import GateSpec, GateWeights, ModelSpec
+from router_service.gate import Routing, route, softmax_topk_route
 from workers.hf_layouts import DEEPSEEK_V2, DEEPSEEK_V3, QWEN2_MOE
 
 HIDDEN = 32

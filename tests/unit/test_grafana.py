@@ -5,8 +5,8 @@ import json
 import re
 from pathlib import Path
 
-from cluster.grafana import render
-from cluster.metrics import METRICS, exported_name
+from cluster.control.grafana import render
+from cluster.control.metrics import METRICS, exported_name
 
 SHIPPED = Path(__file__).resolve().parents[2] / "deploy" / "grafana-moe-serve.json"
 SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum")}
@@ -22,7 +22,7 @@ def queries(dashboard: dict) -> list[str]:
 
 
 def test_shipped_dashboard_is_current():
-    assert SHIPPED.read_text() == render(), "regenerate: python -m cluster.grafana > deploy/grafana-moe-serve.json"
+    assert SHIPPED.read_text() == render(), "regenerate: python -m cluster.control.grafana > deploy/grafana-moe-serve.json"
 
 
 def test_every_query_names_an_exported_metric():
@@ -32,7 +32,7 @@ def test_every_query_names_an_exported_metric():
         names = re.findall(r"\bray_moe_serve_\w+", expr)
         assert names, f"query names no moe-serve metric: {expr}"
         unknown = [n for n in names if n not in known]
-        assert not unknown, f"{unknown} in {expr!r} are not exported (see cluster/metrics.py)"
+        assert not unknown, f"{unknown} in {expr!r} are not exported (see cluster/control/metrics.py)"
 
 
 def test_every_exported_metric_is_charted():

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+from cluster.app.reference import ReferenceMoE
 from cluster.model_spec import ModelSpec
 from cluster.placement import Placement
-from cluster.placement_store import PlacementStore
 from router_service.dispatch import WorkerRequest
 from router_service.errors import ExpertUnavailable, WorkerLost
 from router_service.moe_layer import DistributedMoELayer
-from workers.reference import ReferenceMoE
-from workers.weights import RandomModel
+from router_service.placement_store import PlacementStore
+from workers.random_model import RandomModel
 from workers.worker import ExpertWorker
 
 SPEC = ModelSpec(hidden_size=16, intermediate_size=32, num_experts=4, top_k=2, moe_layers=(0,), num_hidden_layers=1)
@@ -54,8 +54,7 @@ class InProcessBackend:
             await self.hold.wait()
         if request.worker in self.lost:
             raise WorkerLost(request.worker, "was lost (test)")
-        return self.workers[request.worker].forward(
-            x, request.expert_ids, request.offsets, request.token_idx, request.weights)
+        return self.workers[request.worker].forward(x, request.share)
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,11 @@
-"""Sliding-window load statistics and the pure rebalance decision, with an injected clock."""
+"""Sliding-window load statistics and the pure rebalance trigger, with an injected clock."""
 
 import numpy as np
 import pytest
 
 from cluster.config import RebalanceConfig
-from cluster.controller import RebalanceState, decide
-from cluster.load_stats import SlidingWindowLoad
+from cluster.planning.load_stats import SlidingWindowLoad
+from cluster.planning.rebalance import RebalanceState, wants_plan
 
 
 def test_window_sums_recent_buckets_and_forgets_old_ones():
@@ -51,8 +51,8 @@ CFG = RebalanceConfig(threshold=0.8, hysteresis=0.05, min_interval_s=10)
         pytest.param(0.66, RebalanceState(floor=0.67), 0.0, True, "0.660 < 0.670", id="drifted-below-floor"),
     ],
 )
-def test_decide(balancedness, state, now, trigger, reason):
-    got, why, new_state = decide(balancedness, state, now, CFG)
+def test_wants_plan(balancedness, state, now, trigger, reason):
+    got, why, new_state = wants_plan(balancedness, state, now, CFG)
     assert got is trigger
     assert reason in why
     if trigger:
@@ -60,5 +60,5 @@ def test_decide(balancedness, state, now, trigger, reason):
 
 
 def test_balanced_load_resets_the_floor():
-    _, _, state = decide(0.95, RebalanceState(floor=0.5), 0.0, CFG)
+    _, _, state = wants_plan(0.95, RebalanceState(floor=0.5), 0.0, CFG)
     assert state.floor == 1.0

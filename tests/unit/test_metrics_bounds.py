@@ -4,7 +4,7 @@ models, the hottest experts by rank beyond `expert_series`. Recorded into fakes 
 import numpy as np
 import pytest
 
-from cluster.metrics import METRICS, ControlMetrics
+from cluster.control.metrics import METRICS, ControlMetrics
 
 
 class FakeGauge:

@@ -5,9 +5,9 @@ import asyncio
 import numpy as np
 import pytest
 
-from cluster.migration import plan_migration
 from cluster.placement import EMPTY, Placement
-from cluster.placement_store import PlacementStore
+from cluster.planning.migration import plan_migration
+from router_service.placement_store import PlacementStore
 
 
 def P(version, rows, n=4):

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
 
-from cluster.placement import EMPTY, Placement
+from cluster.placement import EMPTY, ExpertShare, Placement
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
@@ -322,3 +323,42 @@ def test_replicated_puts_every_expert_on_distinct_workers(experts, workers, copi
 def test_replicated_refuses_more_copies_than_workers():
     with pytest.raises(ValueError, match="copies must be 1..num_workers"):
         Placement.replicated(4, 2, copies=3)
+
+
+# ---- ExpertShare: the one checked value a router sends a worker -----------------------------
+
+
+def _share(**changes):
+    fields = {"expert_ids": np.array([3, 7]), "offsets": np.array([0, 2, 3]), "token_idx": np.array([0, 4, 4]),
+              "weights": np.array([0.5, 0.25, 1.0], dtype=np.float32)}
+    return ExpertShare(**{**fields, **changes})
+
+
+def test_expert_share_counts_its_assignments():
+    assert _share().num_tokens == 3
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        pytest.param({"offsets": np.array([0, 3])}, "offsets has 2 entries for 2 experts; needs 3", id="offsets-short"),
+        pytest.param({"weights": np.ones(2, dtype=np.float32)}, "weights has 2 entries for 3 token rows",
+                     id="weights-short"),
+        pytest.param({"offsets": np.array([0, 2, 4])}, "offsets must rise from 0 to the 3 token rows", id="past-the-end"),
+        pytest.param({"offsets": np.array([1, 2, 3])}, "offsets must rise from 0", id="not-from-zero"),
+        pytest.param({"offsets": np.array([0, 3, 3]), "token_idx": np.array([0, 4, 4])}, None, id="empty-segment-ok"),
+        pytest.param({"offsets": np.array([0, 3, 2, 3]), "expert_ids": np.array([1, 2, 3])}, "must rise",
+                     id="goes-back"),
+        pytest.param({"token_idx": np.array([[0, 4, 4]])}, "token_idx must be a 1-d numpy array", id="2-d"),
+        pytest.param({"expert_ids": [3, 7]}, "expert_ids must be a 1-d numpy array, got list", id="a-list"),
+        pytest.param({"token_idx": np.array([0.0, 4.0, 4.0])}, "token_idx must be integer, got float64",
+                     id="float-rows"),
+        pytest.param({"weights": np.array([1, 1, 1])}, "weights must be float, got int64", id="int-weights"),
+    ],
+)
+def test_expert_share_refuses_parts_that_disagree(changes, message):
+    if message is None:
+        _share(**changes)
+        return
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _share(**changes)

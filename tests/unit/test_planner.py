@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cluster.placement import EMPTY, Placement
-from cluster.planner import count_moves, layer_balancedness, plan_placement, split_capacity
+from cluster.planning.planner import count_moves, layer_balancedness, plan_placement, split_capacity
 
 # ---------------------------------------------------------------------------------------------
 # Helpers: computed from raw slots, independently of the planner
@@ -240,7 +240,7 @@ def test_split_capacity_is_even_from_nothing(seed: int) -> None:
 
 def test_fallback_deal_fills_any_spreadable_counts() -> None:
     # the packer's last resort when a sticky start leaves no slot for an expert
-    from cluster.planner import _deal, _spreadable
+    from cluster.planning.planner import _deal, _spreadable
 
     rng = np.random.default_rng(0)
     tried = 0

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cluster.placement import EMPTY, Placement
-from cluster.repair import plan_repair, uncovered_experts
+from cluster.planning.repair import plan_repair, uncovered_experts
 
 X = EMPTY
 

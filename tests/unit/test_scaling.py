@@ -9,15 +9,14 @@ import asyncio
 import numpy as np
 import pytest
 
-from cluster.autoscaler import ScaleSnapshot
 from cluster.config import AutoscalingConfig, RebalanceConfig
-from cluster.placement import slots_per_worker
-from cluster.controller import Controller
-from cluster.load_stats import LoadBoard, LoadSnapshot, RouterReport
-from cluster.placement import EMPTY, Placement
-from cluster.placement_hub import PlacementHub
-from cluster.rebalancer import Rebalancer
-from cluster.scaler import Autoscaler, Reconciler
+from cluster.control.controller import Controller
+from cluster.control.placement_hub import PlacementHub
+from cluster.control.rebalancer import Rebalancer
+from cluster.control.scaler import Autoscaler, Reconciler
+from cluster.placement import EMPTY, Placement, slots_per_worker
+from cluster.planning.autoscaler import ScaleSnapshot
+from cluster.planning.load_stats import LoadBoard, LoadSnapshot, RouterReport
 
 N = 8  # logical experts: 1 layer x 8 experts
 SLOTS = 6

@@ -16,15 +16,16 @@ from transformers import DeepseekV3Config, Qwen2MoeConfig
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 
-from cluster.load_stats import LoadBoard, RouterReport
-from cluster.model_spec import GateSpec, ModelSpec, expert_label
+from cluster.app.reference import ReferenceMoE
+from cluster.model_spec import GateSpec, GateWeights, ModelSpec, expert_label
 from cluster.placement import Placement
-from cluster.planner import plan_placement
+from cluster.planning.load_stats import LoadBoard, RouterReport
+from cluster.planning.planner import plan_placement
 from router_service.dispatch import DispatchPlan, ReplicaTable, combine, plan_dispatch
-from router_service.gate import GateWeights, Routing, route
+from router_service.gate import Routing, route
 from workers.expert_math import fuse_w13, run_experts, swiglu
-from workers.reference import ReferenceMoE
-from workers.weights import ExpertWeights, RandomModel, shared_piece
+from workers.random_model import RandomModel
+from workers.weights import ExpertWeights, shared_piece
 
 HIDDEN = 32
 INTER = 16
@@ -246,10 +247,10 @@ def assignments(plan: DispatchPlan, placement: Placement) -> Counter:
     hosts that expert."""
     seen: Counter = Counter()
     for req in plan.requests:
-        for i, expert in enumerate(req.expert_ids.tolist()):
+        for i, expert in enumerate(req.share.expert_ids.tolist()):
             assert req.worker in [w for w, _ in placement.replicas[expert]]
-            lo, hi = req.offsets[i], req.offsets[i + 1]
-            for t, w in zip(req.token_idx[lo:hi].tolist(), req.weights[lo:hi].tolist()):
+            lo, hi = req.share.offsets[i], req.share.offsets[i + 1]
+            for t, w in zip(req.share.token_idx[lo:hi].tolist(), req.share.weights[lo:hi].tolist()):
                 seen[(expert, t, w)] += 1
     return seen
 
@@ -318,10 +319,10 @@ def serve_in_process(spec: ModelSpec, model: RandomModel, placement: Placement, 
                          shared=spec.num_shared_experts)
     outputs = []
     for req in plan.requests:
-        weights = dict(model.experts([spec.layer_expert(int(e)) for e in req.expert_ids]))
+        weights = dict(model.experts([spec.layer_expert(int(e)) for e in req.share.expert_ids]))
         experts = [(fuse_w13(w.w1, w.w3), w.w2) for w in weights.values()]
-        _, partial = run_experts(hidden, experts, torch.from_numpy(req.offsets), torch.from_numpy(req.token_idx),
-                                 torch.from_numpy(req.weights))
+        _, partial = run_experts(hidden, experts, torch.from_numpy(req.share.offsets), torch.from_numpy(req.share.token_idx),
+                                 torch.from_numpy(req.share.weights))
         outputs.append(partial.numpy())
     return combine(hidden.shape[0], spec.hidden_size, plan, outputs)
 

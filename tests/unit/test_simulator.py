@@ -9,12 +9,14 @@ import json
 import numpy as np
 import pytest
 from matplotlib import image
+from rich.console import Console
 
+from cluster.app.simulate_cli import add_simulate_parser, cmd_simulate, sim_config
 from cluster.config import validate_config
-from cluster.simulate_cli import add_simulate_parser, cmd_simulate, sim_config
-from cluster.simulator import CostModel, compare, simulate
-from cluster.sim_report import summary_table, write_png
-from cluster.traces import LoadTrace
+from cluster.sim.compare import compare
+from cluster.sim.report import summary_table, write_png
+from cluster.sim.simulator import CostModel, simulate
+from cluster.sim.traces import LoadTrace
 
 COST = CostModel(capacity_tokens_per_s=1000.0, base_ms=25.0, slo_ms=100.0, move_s=1.0, startup_s=300.0)
 DAY_COST = CostModel()  # 30,000 expert-tokens/s per worker, for the built-in config's 20,000 target
@@ -171,7 +173,7 @@ def test_the_plot_is_a_png_of_the_asked_size(day, tmp_path):
 def run_cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="moe-serve")
     add_simulate_parser(parser.add_subparsers(dest="command", required=True))
-    return cmd_simulate(parser.parse_args(["simulate", *argv]))
+    return cmd_simulate(parser.parse_args(["simulate", *argv]), Console())
 
 
 TINY = ["--layers", "2", "--experts", "8", "--top-k", "2", "--days", "0.25", "--step-s", "900"]

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
+from cluster.app.status_picture import PANELS, write_status_png
 from cluster.placement import Placement
-from cluster.status_picture import PANELS, write_status_png
 
 LAYERS, E = [0, 1], 4
 

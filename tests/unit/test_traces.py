@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from cluster.traces import LoadTrace, append_jsonl, record_line
+from cluster.sim.traces import LoadTrace, append_jsonl, record_line
 
 SMOOTH = dict(noise_std=0.0, bursts_per_day=0.0)  # the bare daily curve
 

@@ -12,20 +12,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import workers.weights as weights_module
+import workers.hf_checkpoint as checkpoint_module
 from cluster.model_spec import ModelSpec
-from workers.weights import (
-    INDEX_FILE,
-    SINGLE_FILE,
-    CheckpointError,
-    ExpertWeights,
-    HFCheckpoint,
-    RandomModel,
-    WeightSource,
-    expert_key,
-    gate_key,
-    open_weights,
-)
+from workers.hf_checkpoint import INDEX_FILE, SINGLE_FILE, HFCheckpoint
+from workers.random_model import RandomModel, expert_key, gate_key
+from workers.weights import CheckpointError, ExpertWeights, WeightSource, open_weights
 
 SPEC = ModelSpec(
     hidden_size=8, intermediate_size=12, num_experts=4, top_k=2, moe_layers=(0, 1),
@@ -289,13 +280,13 @@ def test_reading_a_subset_opens_each_needed_file_once(sharded, monkeypatch):
     pairs = [(1, 2), (1, 3), (1, 2)]
     needed = {weight_map[expert_key(l, e, p)] for l, e in pairs for p in ("w1", "w2", "w3")}
     opened: list[str] = []
-    real_open = weights_module.safe_open
+    real_open = checkpoint_module.safe_open
 
     def counting_open(path, *args, **kwargs):
         opened.append(Path(path).name)
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(weights_module, "safe_open", counting_open)
+    monkeypatch.setattr(checkpoint_module, "safe_open", counting_open)
     list(ckpt.experts(pairs))
 
     assert sorted(opened) == sorted(needed)  # each needed file once, no other file

@@ -4,14 +4,16 @@ shard worker used as a plain object: load, forward, unload, export/load_from, st
 from __future__ import annotations
 
 import numpy as np
-import ray
 import pytest
+import ray
 import torch
 import torch.nn.functional as F
 
 from cluster.model_spec import ModelSpec
+from cluster.placement import ExpertShare
 from workers.expert_math import fuse_w13, run_experts, swiglu
-from workers.weights import ExpertWeights, RandomModel
+from workers.random_model import RandomModel
+from workers.weights import ExpertWeights
 from workers.worker import ExpertWorker
 
 SPEC = ModelSpec(
@@ -140,7 +142,7 @@ def test_load_then_forward_equals_direct_computation(worker: ExpertWorker) -> No
     token_idx = np.array([0, 1, 4, 1, 3])
     weights = np.array([0.9, 0.5, 0.2, 0.5, 0.7], dtype=np.float32)
 
-    out = worker.forward(x, expert_ids, offsets, token_idx, weights)
+    out = worker.forward(x, ExpertShare(expert_ids, offsets, token_idx, weights))
 
     assert out.shape == (4, 8) and out.dtype == np.float32  # tokens 0, 1, 3, 4
     expected = reference_forward(model, x, expert_ids, offsets, token_idx, weights)
@@ -152,8 +154,8 @@ def test_forward_on_an_unhosted_expert_names_it(worker: ExpertWorker) -> None:
     x = np.ones((2, 8), dtype=np.float32)
 
     with pytest.raises(KeyError, match=r"worker 3 has no replica of logical experts \[0, 4\]"):
-        worker.forward(x, np.array([0, 1, 4]), np.array([0, 1, 2, 3]), np.array([0, 1, 0]),
-                       np.ones(3, dtype=np.float32))
+        worker.forward(x, ExpertShare(np.array([0, 1, 4]), np.array([0, 1, 2, 3]), np.array([0, 1, 0]),
+                                      np.ones(3, dtype=np.float32)))
     stats = worker.stats()
     assert (stats["calls"], stats["tokens"]) == (0, 0), "a refused call does not count"
     assert stats["expert_tokens"] == {1: 0}
@@ -167,8 +169,8 @@ def test_unload(worker: ExpertWorker) -> None:
     assert worker.hosted() == [2]
     assert worker.stats()["expert_tokens"] == {2: 0}
     with pytest.raises(KeyError, match=r"logical experts \[1\]"):
-        worker.forward(np.ones((1, 8), dtype=np.float32), np.array([1]), np.array([0, 1]),
-                       np.array([0]), np.ones(1, dtype=np.float32))
+        worker.forward(np.ones((1, 8), dtype=np.float32), ExpertShare(np.array([1]), np.array([0, 1]),
+                       np.array([0]), np.ones(1, dtype=np.float32)))
     # an unloaded expert loads again from the weight source
     assert worker.load([1]) == SPEC.expert_bytes()
     assert worker.hosted() == [1, 2]
@@ -176,8 +178,8 @@ def test_unload(worker: ExpertWorker) -> None:
 
 def test_load_skips_already_hosted_experts(worker: ExpertWorker) -> None:
     assert worker.load([1, 5]) == 2 * SPEC.expert_bytes()
-    worker.forward(np.ones((2, 8), dtype=np.float32), np.array([5]), np.array([0, 2]),
-                   np.array([0, 1]), np.ones(2, dtype=np.float32))
+    worker.forward(np.ones((2, 8), dtype=np.float32), ExpertShare(np.array([5]), np.array([0, 2]),
+                   np.array([0, 1]), np.ones(2, dtype=np.float32)))
 
     assert worker.load([5, 1]) == 0, "nothing new to load"
     assert worker.load([5, 6]) == SPEC.expert_bytes(), "only logical 6 is new"
@@ -210,10 +212,10 @@ def test_export_then_load_from_gives_the_same_forward(worker: ExpertWorker) -> N
     assert other.stats()["expert_tokens"] == {6: 0}
     args = (np.array([6]), np.array([0, 3]), np.array([2, 0, 3]), np.array([0.3, 1.0, 0.6], dtype=np.float32))
     x = np.random.default_rng(2).standard_normal((4, 8)).astype(np.float32)
-    before = worker.forward(x, *args)
+    before = worker.forward(x, ExpertShare(*args))
     worker.unload([6])  # the source drops its copy, as a migration does
 
-    after = other.forward(x, *args)
+    after = other.forward(x, ExpertShare(*args))
 
     np.testing.assert_array_equal(after, before)
     np.testing.assert_allclose(after, reference_forward(model, x, *args), rtol=1e-5, atol=1e-6)
@@ -226,9 +228,9 @@ def test_stats_count_calls_and_tokens(worker: ExpertWorker) -> None:
     worker.load([0, 4])
     x = np.ones((4, 8), dtype=np.float32)
 
-    worker.forward(x, np.array([0, 4]), np.array([0, 3, 4]), np.array([0, 1, 2, 3]),
-                   np.ones(4, dtype=np.float32))
-    worker.forward(x, np.array([4]), np.array([0, 2]), np.array([1, 2]), np.ones(2, dtype=np.float32))
+    worker.forward(x, ExpertShare(np.array([0, 4]), np.array([0, 3, 4]), np.array([0, 1, 2, 3]),
+                                  np.ones(4, dtype=np.float32)))
+    worker.forward(x, ExpertShare(np.array([4]), np.array([0, 2]), np.array([1, 2]), np.ones(2, dtype=np.float32)))
 
     stats = worker.stats()
     assert {k: stats[k] for k in ("index", "replicas", "calls", "tokens", "expert_tokens")} == {

@@ -13,7 +13,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from rich.table import Table
 
-from cluster.simulator import Comparison, SimRun
+from cluster.sim.compare import Comparison
+from cluster.sim.simulator import SimRun
 
 LATENCY_CEILING = 10.0  # overloaded steps (latency unbounded) are drawn at this many x the SLO
 

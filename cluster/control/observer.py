@@ -1,5 +1,5 @@
 """The control plane's eyes: every `interval_s` it collects the routers' load and the workers'
-counters, sets the metrics (`cluster.metrics.ControlMetrics`), and keeps a bounded history of
+counters, sets the metrics (`cluster.control.metrics.ControlMetrics`), and keeps a bounded history of
 per-expert load for the status picture (`moe-serve status --png`)."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cluster.loops import Periodic
-from cluster.metrics import ControlMetrics
-from cluster.placement_hub import PlacementHub
-from cluster.planner import layer_balancedness
+from cluster.control.loops import Periodic
+from cluster.control.metrics import ControlMetrics
+from cluster.control.placement_hub import PlacementHub
+from cluster.planning.planner import layer_balancedness
 
 log = logging.getLogger(__name__)
 

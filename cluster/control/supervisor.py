@@ -7,7 +7,7 @@ Every `interval_s` it probes each worker (`ready()`, which runs beside the exper
   it (they already retried its in-flight shares on other replicas, and count it down
   themselves until told otherwise);
 - if that leaves logical experts without a live replica, the placement is **repaired**
-  (`cluster.repair`): they get a replica on a live worker, loaded before it is published;
+  (`cluster.planning.repair`): they get a replica on a live worker, loaded before it is published;
 - Ray restarts a dead worker (on another node if its node is gone); when it answers with a new
   incarnation it is **reloaded** with its row of the placement in service (copied from live
   replicas where there are, else read from the checkpoint) and the routers use it again.
@@ -27,11 +27,11 @@ from typing import Protocol
 
 import numpy as np
 
-from cluster.controller import notify
-from cluster.loops import Periodic
-from cluster.placement_hub import PlacementHub
-from cluster.rebalancer import Rebalancer, copy_sources
-from cluster.repair import plan_repair, uncovered_experts
+from cluster.control.controller import notify
+from cluster.control.loops import Periodic
+from cluster.control.placement_hub import PlacementHub
+from cluster.control.rebalancer import Rebalancer, copy_sources
+from cluster.planning.repair import plan_repair, uncovered_experts
 
 log = logging.getLogger(__name__)
 

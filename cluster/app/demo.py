@@ -12,17 +12,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from rich.console import Console
 
+from cluster.app.console import events_table, layer_expert_table, load_progress, placement_table, summary_table
+from cluster.app.launcher import deploy
+from cluster.app.reference import ReferenceMoE
 from cluster.config import ServeConfig
-from cluster.console import (
-    console, events_table, layer_expert_table, load_progress, placement_table, summary_table,
-)
-from cluster.launcher import deploy
 from cluster.model_spec import ModelSpec
-from cluster.traffic import SkewedTraffic
+from cluster.sim.traffic import SkewedTraffic
 from router_service.admin_client import AdminClient, load_to_dict
 from router_service.client import MoEClient
-from workers.reference import ReferenceMoE
 
 DEMO_REBALANCE = {  # react within a second or two, so the demo shows it
     "rebalance.window_s": 3.0, "rebalance.check_interval_s": 0.25,
@@ -74,7 +73,9 @@ def drive(address: str, model: str, spec: ModelSpec, traffic: SkewedTraffic, ref
     return DemoReport(requests, failed, requests * tokens, wall_s, np.array([a[0] for a in answers]), worst)
 
 
-async def run_demo(config: ServeConfig, requests: int, concurrency: int, tokens: int, zipf_s: float = 1.2) -> DemoReport:
+async def run_demo(config: ServeConfig, console: Console, requests: int, concurrency: int, tokens: int,
+                   zipf_s: float = 1.2) -> DemoReport:
+    """Deploy `config`, drive it, and tell the story on `console`."""
     console.rule("[bold]moe-serve demo")
     spec = config.model.random_or_default.spec()
     console.print(
@@ -82,7 +83,7 @@ async def run_demo(config: ServeConfig, requests: int, concurrency: int, tokens:
         f"hidden {spec.hidden_size}, ffn {spec.intermediate_size}, top-{spec.top_k}; "
         f"{config.workers.count} expert shard workers", highlight=False,
     )
-    with load_progress() as progress:
+    with load_progress(console) as progress:
         deployment = await deploy(config, progress)
     try:
         reference = ReferenceMoE(deployment.weights)
@@ -97,13 +98,13 @@ async def run_demo(config: ServeConfig, requests: int, concurrency: int, tokens:
         report = await asyncio.to_thread(
             drive, deployment.address, config.model.name, spec, traffic, reference, requests, concurrency, tokens
         )
-        await asyncio.to_thread(show, deployment.address, config.model.name, before, report)
+        await asyncio.to_thread(show, console, deployment.address, config.model.name, before, report)
     finally:
         await deployment.stop()
     return report
 
 
-def show(address: str, model: str, before, report: DemoReport) -> None:
+def show(console: Console, address: str, model: str, before, report: DemoReport) -> None:
     with AdminClient(address) as admin:
         load = load_to_dict(admin.load(model))
         after = admin.placement(model)

@@ -1,6 +1,6 @@
-"""The Grafana dashboard for the service's metrics, built from `cluster.metrics.METRICS`.
+"""The Grafana dashboard for the service's metrics, built from `cluster.control.metrics.METRICS`.
 
-    python -m cluster.grafana > deploy/grafana-moe-serve.json
+    python -m cluster.control.grafana > deploy/grafana-moe-serve.json
 
 Import the file into the Grafana that Ray's Prometheus/Grafana integration sets up (Ray's
 `metrics/grafana` provisioning, or Dashboards -> Import); pick the Prometheus data source and
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 
-from cluster.metrics import METRICS, exported_name
+from cluster.control.metrics import METRICS, exported_name
 
 SELECT = '{model=~"$model"}'
 PANEL_W, PANEL_H = 12, 8

@@ -11,11 +11,11 @@ from typing import Protocol
 
 import numpy as np
 
-from cluster.controller import Controller, RebalanceEvent
-from cluster.load_stats import LoadSnapshot
+from cluster.control.controller import Controller, RebalanceEvent
 from cluster.model_spec import ModelSpec
 from cluster.placement import Placement
-from cluster.planner import count_moves, layer_balancedness
+from cluster.planning.load_stats import LoadSnapshot
+from cluster.planning.planner import count_moves, layer_balancedness
 
 
 class PlacementSource(Protocol):

@@ -7,7 +7,7 @@ example YAML it loads, so this subclass hands it our file instead.
 
 `AutoscalingCluster` runs `ray stop --force`, which kills every Ray process it can see. Run it
 only inside `isolated(argv)`: a new PID, mount and network namespace (loopback only, its own
-/tmp/ray), with a small PID 1 that reaps Ray's daemons (`python -m cluster.local_cluster reap`).
+/tmp/ray), with a small PID 1 that reaps Ray's daemons (`python -m cluster.app.local_cluster reap`).
 Needs root and util-linux's `unshare`.
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 from ray.cluster_utils import AutoscalingCluster
 
-CLUSTER_YAML = Path(__file__).resolve().parents[1] / "deploy" / "cluster-local.yaml"
+CLUSTER_YAML = Path(__file__).resolve().parents[2] / "deploy" / "cluster-local.yaml"
 EXPERT_RESOURCE = "expert_worker"  # the custom resource GPU worker nodes offer, one per GPU
 
 
@@ -64,7 +64,7 @@ def isolated(argv: list[str]) -> list[str]:
         "ip link set lo up",
         "mkdir -p /tmp/ray",
         f"mount --bind {shlex.quote(private)} /tmp/ray",
-        "exec " + shlex.join([sys.executable, "-m", "cluster.local_cluster", "reap", *argv]),
+        "exec " + shlex.join([sys.executable, "-m", "cluster.app.local_cluster", "reap", *argv]),
     ])
     return ["unshare", "--pid", "--fork", "--mount-proc", "--net", "--mount", "bash", "-c", inner]
 
@@ -90,5 +90,5 @@ def _reap(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) < 3 or sys.argv[1] != "reap":
-        sys.exit("usage: python -m cluster.local_cluster reap COMMAND [ARGS...]")
+        sys.exit("usage: python -m cluster.app.local_cluster reap COMMAND [ARGS...]")
     sys.exit(_reap(sys.argv[2:]))

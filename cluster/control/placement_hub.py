@@ -5,7 +5,7 @@ placement and fans each change out to every attached router (`RouterLink`), in p
 another Ray actor: `publish` makes a version current everywhere, `drained` waits until no router
 still runs a batch on an older one (make-before-break), `set_workers` tells the routers which
 worker handles a placement's indices name (None for a worker that is down: lost, restarting
-or reloading, see `cluster.supervisor`), and `take_reports` collects the routed load.
+or reloading, see `cluster.control.supervisor`), and `take_reports` collects the routed load.
 
 A router that stops answering is detached (its batches died with it), so a lost router never
 stalls a migration. The hub imports neither Ray nor gRPC.
@@ -18,14 +18,14 @@ import logging
 from collections.abc import Awaitable, Sequence
 from typing import Any, Protocol
 
-from cluster.load_stats import RouterReport
 from cluster.placement import Placement
+from cluster.planning.load_stats import RouterReport
 
 log = logging.getLogger(__name__)
 
 
 class RouterLink(Protocol):
-    """How the control plane reaches one router (see `cluster.launcher` and `cluster.service`)."""
+    """How the control plane reaches one router (see `cluster.app.launcher` and `cluster.app.service`)."""
 
     name: str
 

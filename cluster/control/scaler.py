@@ -1,5 +1,5 @@
 """Scaling, decided and carried out: the `Reconciler` changes the worker count make-before-break,
-and the `Autoscaler` loop feeds it the pure `cluster.autoscaler.decide` from live load.
+and the `Autoscaler` loop feeds it the pure `cluster.planning.autoscaler.decide` from live load.
 
 Scale-out: ask Ray's autoscaler for room for the new workers (`request_resources`, so the
 cluster launches GPU nodes), start them, and once they answer tell the routers their handles,
@@ -21,12 +21,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from cluster.autoscaler import AutoscaleState, ScaleDecision, ScaleSnapshot, decide
 from cluster.config import AutoscalingConfig
-from cluster.controller import Controller, notify
-from cluster.loops import Periodic
-from cluster.placement_hub import PlacementHub
-from cluster.rebalancer import MigrationReport, Rebalancer
+from cluster.control.controller import Controller, notify
+from cluster.control.loops import Periodic
+from cluster.control.placement_hub import PlacementHub
+from cluster.control.rebalancer import MigrationReport, Rebalancer
+from cluster.planning.autoscaler import AutoscaleState, ScaleDecision, ScaleSnapshot, decide
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class Autoscaler:
 
 
 class LoadView(Protocol):
-    """The load as the autoscaler reads it (implemented by `cluster.control_plane.LoadFeed`)."""
+    """The load as the autoscaler reads it (implemented by `cluster.control.control_plane.LoadFeed`)."""
 
     def refresh(self) -> Awaitable[None]: ...
     def tokens_per_s(self) -> float: ...

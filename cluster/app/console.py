@@ -1,4 +1,6 @@
-"""What people look at in the terminal: load progress, tables of load and latency."""
+"""What people look at in the terminal: load progress, tables of load and latency. Nothing here
+prints by itself: each command gets its `rich` console from `moe-serve`'s `main` and prints the
+tables these functions build."""
 
 from __future__ import annotations
 
@@ -14,12 +16,9 @@ from rich.table import Table
 from cluster.model_spec import expert_label
 
 
-console = Console(stderr=False)
-
-
 @contextmanager
-def load_progress(description: str = "loading expert weights") -> Iterator:
-    """Yields `progress(done, total)` drawing a bar (plain lines when not a terminal)."""
+def load_progress(console: Console, description: str = "loading expert weights") -> Iterator:
+    """Yields `progress(done, total)` drawing a bar on `console` (plain lines when not a terminal)."""
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, transient=False,

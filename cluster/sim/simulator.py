@@ -5,9 +5,9 @@ Ray, no gRPC, no clock, no random numbers (the trace carries any randomness, see
 Each step `k` of the trace (`[k * step_s, (k + 1) * step_s)`, load `[layers, experts]`):
 1. **Join**: workers asked for at least `startup_s` earlier join at the step's start (rounded
    up to a step) and the planner places replicas on them (`plan_placement` with their slots).
-2. **Rebalance**: as `Controller.check` does: `layer_balancedness` (min over layers) into the
-   real `cluster.controller.decide`; a plan that gains less than `min_gain` is skipped.
-3. **Autoscale**: the real `cluster.autoscaler.decide`, called every `check_interval_s` of the
+2. **Rebalance**: the live controller's own pure decision, `cluster.planning.rebalance.decide`,
+   on the step's load (it plans, and skips a plan that gains less than `min_gain`).
+3. **Autoscale**: the real `cluster.planning.autoscaler.decide`, called every `check_interval_s` of the
    step (skipping calls whose answer cannot change: the step's inputs are constant), on a
    `ScaleSnapshot` of the step's load and the queue delay the cost model gives now (closed
    loop). Out: new workers are pending, billed from the ask. In: from the highest index; their
@@ -33,17 +33,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Annotated
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cluster import autoscaler, controller
 from cluster.config import ServeConfig
 from cluster.placement import Placement, slots_per_worker
-from cluster.planner import layer_balancedness, plan_placement, worker_layer_load
-from cluster.traces import LoadTrace
+from cluster.planning import autoscaler, rebalance
+from cluster.planning.planner import layer_balancedness, plan_placement, worker_layer_load
+from cluster.sim.traces import LoadTrace
 
 Progress = Callable[[int, int], None]
 MAX_CHECKS_PER_STEP = 100_000  # guards the autoscaler loop against a runaway
@@ -168,7 +168,7 @@ class _Run:
         if self.autoscale:
             _check_fits(config.workers.bounds[0], "workers.min_workers", config, trace)
         self.placement = self._plan(trace.tokens_per_s[0], [self.slots] * start, None)
-        self.rstate, self.astate = controller.RebalanceState(), autoscaler.AutoscaleState()
+        self.rstate, self.astate = rebalance.RebalanceState(), autoscaler.AutoscaleState()
         self.rows: dict[str, list] = {k: [] for k in _COLUMNS}
         self.events: list[SimEvent] = []
         self.kept: list[Placement] = []
@@ -206,23 +206,17 @@ class _Run:
         return True
 
     def _rebalance(self, t: float, load: np.ndarray) -> None:
-        """`Controller.check` on the step's load, with the real `decide`."""
+        """The controller's decision (`rebalance.decide`) on the step's load; `act` applies."""
         cfg = self.config.rebalance
-        if load.sum() * cfg.window_s < cfg.min_window_tokens:
-            return
-        before = float(layer_balancedness(self.placement, load).min())
-        trigger, reason, self.rstate = controller.decide(before, self.rstate, t, cfg)
-        if not trigger:
-            return
-        target = self._plan(load, [self.slots] * self.placement.num_workers, self.placement)
-        planned = float(layer_balancedness(target, load).min())
-        if planned - before < cfg.min_gain:
-            self.rstate = replace(self.rstate, floor=before - cfg.hysteresis)
-            self.events.append(SimEvent(t, "skip", f"{reason}: plan gains {planned - before:.3f} < min_gain {cfg.min_gain}"))
-            return
-        self.rstate = replace(self.rstate, floor=planned - cfg.hysteresis)
-        moves = self._apply(target, self.placement)
-        self.events.append(SimEvent(t, "rebalance", f"{reason} -> {planned:.3f}", moves))
+        capacity = [self.slots] * self.placement.num_workers
+        decision, self.rstate = rebalance.decide(load, float(load.sum()) * cfg.window_s, self.placement, capacity,
+                                                 self.rstate, t, cfg, self._nodes(len(capacity)))
+        if decision.action == "skip":
+            self.events.append(SimEvent(t, "skip", decision.reason))
+        elif decision.action == "act":
+            moves = self._apply(decision.target, self.placement)
+            self.events.append(SimEvent(t, "rebalance", f"{decision.reason} -> {decision.balancedness_planned:.3f}",
+                                        moves))
 
     def _autoscale(self, t: float, load: np.ndarray) -> None:
         """The real autoscaler `decide` every `check_interval_s`; a call whose inputs are those
@@ -279,10 +273,16 @@ class _Run:
 
     # ---- placements and cost --------------------------------------------------------------
 
+    def _nodes(self, workers: int) -> list[str]:
+        """One node per simulated worker (what the `node_aware` policy spreads over)."""
+        return [str(w) for w in range(workers)]
+
     def _plan(self, load: np.ndarray, capacity: list[int], current: Placement | None) -> Placement:
         cfg = self.config.rebalance
-        nodes = [str(w) for w in range(len(capacity))] if cfg.policy == "node_aware" else None
-        return plan_placement(load, capacity, current, min_replicas=cfg.min_replicas, policy=cfg.policy, worker_nodes=nodes)
+        if current is None:
+            return plan_placement(load, capacity, None, min_replicas=cfg.min_replicas, policy=cfg.policy,
+                                  worker_nodes=self._nodes(len(capacity)))
+        return rebalance.plan_for(load, capacity, current, cfg, self._nodes(len(capacity)))
 
     def _apply(self, target: Placement, old: Placement) -> int:
         """Put `target` in service; its replicas that `old` lacks are loads on their workers."""
@@ -352,71 +352,3 @@ def _next_check(t: float, now: float, wake_s: float, interval_s: float) -> float
     """The first check time on the grid `t + i * interval_s` after `now` and at or after `wake_s`."""
     at_or_after = math.ceil((wake_s - t) / interval_s - 1e-9)
     return t + max(math.floor((now - t) / interval_s + 1e-9) + 1, at_or_after) * interval_s
-
-
-# ---- the static peak provisioning baseline ---------------------------------------------------
-
-LabelledProgress = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True, eq=False)
-class Comparison:
-    """The autoscaled run against static provisioning through the same code (live rebalancing,
-    no autoscaling): `static` has the fewest workers whose SLO attainment reaches the autoscaled
-    run's (`static_reached` false: not even `max_workers` does); `rule` has
-    ceil(peak load / target_tokens_per_s_per_worker) workers. probes: workers -> attainment
-    (an upper bound where the probe gave up) of every static run the search made."""
-
-    autoscaled: SimRun
-    static: SimRun
-    static_workers: int
-    static_reached: bool
-    rule: SimRun
-    rule_workers: int
-    probes: dict[int, float]
-
-    @property
-    def gpu_hours_saved(self) -> float:
-        """1 - autoscaled / static GPU-hours, at (at least) equal SLO attainment."""
-        return 1.0 - self.autoscaled.gpu_hours / self.static.gpu_hours
-
-    def to_dict(self) -> dict:
-        return {
-            "autoscaled": self.autoscaled.summary(),
-            "static": {"workers": self.static_workers, "reached": self.static_reached, **self.static.summary()},
-            "static_peak_rule": {"workers": self.rule_workers, **self.rule.summary()},
-            "gpu_hours_saved": round(self.gpu_hours_saved, 4),
-            "gpu_hours_saved_vs_rule": round(1.0 - self.autoscaled.gpu_hours / self.rule.gpu_hours, 4),
-            "static_probes": {str(n): round(a, 5) for n, a in sorted(self.probes.items())},
-        }
-
-
-def compare(trace: LoadTrace, config: ServeConfig, cost: CostModel = CostModel(),
-            progress: LabelledProgress | None = None) -> Comparison:
-    """Autoscaled run, the peak rule's static run, and a bisection for the fewest static workers
-    that reach the autoscaled SLO attainment (assumed to rise with the worker count; probes
-    that cannot reach it stop early)."""
-    def bar(label: str) -> Progress | None:
-        return None if progress is None else (lambda done, total: progress(label, done, total))
-
-    auto = simulate(trace, config, cost, progress=bar("autoscaled"))
-    goal = auto.slo_attainment - 1e-9
-    low, high = fewest_workers(config, trace.layers * trace.experts), config.workers.bounds[1]
-    peak = float(trace.total_tokens_per_s.max())
-    rule_n = min(max(math.ceil(peak / config.autoscaling.target_tokens_per_s_per_worker), low), high)
-    runs = {rule_n: simulate(trace, config, cost, workers=rule_n, progress=bar(f"static x{rule_n} (peak rule)"))}
-
-    def reaches(n: int) -> bool:
-        if n not in runs:
-            runs[n] = simulate(trace, config, cost, workers=n, give_up_below=goal, progress=bar(f"static x{n}"))
-        return runs[n].slo_attainment >= goal
-
-    lo, hi = (low, rule_n) if reaches(rule_n) else (rule_n + 1, high)
-    reached = lo <= hi and reaches(hi)
-    while reached and lo < hi:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if reaches(mid) else (mid + 1, hi)
-    n = hi if reached else high
-    if n not in runs or runs[n].gave_up:
-        runs[n] = simulate(trace, config, cost, workers=n, progress=bar(f"static x{n}"))
-    return Comparison(auto, runs[n], n, reached, runs[rule_n], rule_n, {k: r.slo_attainment for k, r in runs.items()})

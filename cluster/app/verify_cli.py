@@ -1,5 +1,5 @@
 """`moe-serve verify CHECKPOINT`: run the checkpoint's whole model with `transformers`, alone and
-with its MoE blocks served (see `cluster.verify`), and say whether they agree.
+with its MoE blocks served (see `cluster.app.verify`), and say whether they agree.
 
 Without `--address` it serves the checkpoint itself on an embedded Ray for the check; with one
 it checks a router already serving the same checkpoint."""
@@ -10,15 +10,17 @@ import asyncio
 import json
 import os
 
+from rich.console import Console
 from rich.table import Table
 
+from cluster.app.client_flags import add_client_flags, client_credentials
+from cluster.app.console import load_progress
+from cluster.app.verify import LOGIT_REL_TOL, VerifyReport, load_hf_model, serve_and_verify, verify_at
 from cluster.config import RayConfig
-from cluster.console import console
 from cluster.model_spec import ModelSpec
-from cluster.verify import LOGIT_REL_TOL, VerifyReport, load_hf_model, serve_and_verify, verify_at
 
 
-def add_verify_parser(sub, client_options) -> None:
+def add_verify_parser(sub) -> None:
     p = sub.add_parser("verify", help="check the served MoE layers against transformers: greedy tokens and logits")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="Hugging Face checkpoint directory")
     p.add_argument("--address", help="router already serving CHECKPOINT (host:port); default: serve it here")
@@ -29,11 +31,11 @@ def add_verify_parser(sub, client_options) -> None:
     p.add_argument("--batch", type=int, default=2, help="prompts generated together")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    client_options(p)
+    add_client_flags(p)
 
 
-def cmd_verify(args, credentials) -> int:
-    from workers.weights import HFCheckpoint
+def cmd_verify(args, console: Console) -> int:
+    from workers.hf_checkpoint import HFCheckpoint
 
     spec = HFCheckpoint(args.checkpoint).spec
     console.print(f"verifying {args.checkpoint}: {spec.family}, MoE layers {spec.describe_layers()}, dense "
@@ -42,9 +44,9 @@ def cmd_verify(args, credentials) -> int:
     model = load_hf_model(args.checkpoint)
     options = {"new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "batch": args.batch, "seed": args.seed}
     if args.address:
-        report = verify_at(args.address, args.model, model, spec, credentials, **options)
+        report = verify_at(args.address, args.model, model, spec, client_credentials(args), **options)
     else:
-        report = _serve_and_verify(args.checkpoint, args.workers, model, spec, options)
+        report = _serve_and_verify(args.checkpoint, args.workers, model, spec, options, console)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -52,14 +54,14 @@ def cmd_verify(args, credentials) -> int:
     return 0 if report.ok else 1
 
 
-def _serve_and_verify(checkpoint: str, workers: int, model, spec: ModelSpec, options: dict) -> VerifyReport:
-    from cluster.console import load_progress
-    from cluster.launcher import connect_ray
+def _serve_and_verify(checkpoint: str, workers: int, model, spec: ModelSpec, options: dict,
+                      console: Console) -> VerifyReport:
+    from cluster.app.launcher import connect_ray
 
     connect_ray(RayConfig(), num_cpus=max(2, os.cpu_count() or 2))
 
     async def run() -> VerifyReport:
-        with load_progress() as progress:
+        with load_progress(console) as progress:
             return await serve_and_verify(checkpoint, model, spec, workers, progress=progress, **options)
 
     return asyncio.run(run())
@@ -82,3 +84,6 @@ def report_table(report: VerifyReport) -> Table:
     for key, value in rows.items():
         table.add_row(key, value)
     return table
+
+
+HANDLERS = {"verify": cmd_verify}

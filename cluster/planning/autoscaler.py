@@ -2,7 +2,7 @@
 
 `decide(snapshot, state, now_s, config, bounds)` returns a `ScaleDecision` and the next
 `AutoscaleState`; nothing here reads a clock, calls Ray or sleeps, so every case is a unit test
-with literal numbers. `cluster.scaler.Reconciler` carries a decision out (Ray resource requests,
+with literal numbers. `cluster.control.scaler.Reconciler` carries a decision out (Ray resource requests,
 new workers, make-before-break placement changes).
 
 The rule, in expert-tokens per second (a token routed to k experts counts k times):

@@ -4,7 +4,7 @@
     moe-serve simulate --min-workers 128 --max-workers 1024 --png sim.png
     moe-serve simulate deploy/local.yaml --trace recorded.jsonl --json
 
-No Ray starts: `cluster.simulator` is pure. Reports GPU-hours, SLO attainment, moves and
+No Ray starts: `cluster.sim.simulator` is pure. Reports GPU-hours, SLO attainment, moves and
 balancedness of the autoscaled run against static provisioning at equal SLO attainment.
 """
 
@@ -19,9 +19,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cluster.config import ServeConfig, load_config, validate_config
-from cluster.console import console
-from cluster.simulator import CostModel, compare, fewest_workers, slots_for
-from cluster.traces import LoadTrace
+from cluster.sim.compare import compare
+from cluster.sim.simulator import CostModel, fewest_workers, slots_for
+from cluster.sim.traces import LoadTrace
 
 SIM_LAYERS, SIM_EXPERTS, SIM_TOP_K = 4, 64, 6
 PEAK_SHARE = 0.7  # default peak: what this share of max_workers carries at the autoscaler's target
@@ -77,7 +77,7 @@ def add_simulate_parser(sub) -> None:
     p.add_argument("--png", metavar="FILE", help="write the plot (load, workers, balancedness, latency, moves)")
 
 
-def cmd_simulate(args) -> int:
+def cmd_simulate(args, console: Console) -> int:
     cost = CostModel(**{k: v for k, v in (("slo_ms", args.slo_ms), ("capacity_tokens_per_s", args.capacity_tokens_per_s),
                                           ("startup_s", args.startup_s)) if v is not None})
     recorded = LoadTrace.from_jsonl(args.trace, args.step_s) if args.trace else None
@@ -89,13 +89,13 @@ def cmd_simulate(args) -> int:
         result = compare(trace, config, cost, progress=progress)
     wall_s = time.perf_counter() - started
     if args.png:
-        from cluster.sim_report import write_png
+        from cluster.sim.report import write_png
         write_png(result, args.png, cost.slo_ms)
     report = {"settings": _settings(trace, config, cost, args), "wall_s": round(wall_s, 2), **result.to_dict()}
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        from cluster.sim_report import summary_table
+        from cluster.sim.report import summary_table
         console.print(summary_table(result, title=f"{trace.steps} steps of {trace.step_s:g} s, {trace.layers} layers x "
                                                   f"{trace.experts} experts, {wall_s:.1f} s to simulate"))
         console.print(f"GPU-hours saved against static provisioning at equal SLO attainment: "
@@ -181,3 +181,6 @@ class _progress:
         if label not in self._tasks:
             self._tasks[label] = self._bar.add_task(f"simulating {label}", total=total)
         self._bar.update(self._tasks[label], completed=done)
+
+
+HANDLERS = {"simulate": cmd_simulate}

@@ -18,9 +18,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from cluster.migration import MigrationPlan, plan_migration
+from cluster.control.placement_hub import PlacementHub
 from cluster.placement import Placement
-from cluster.placement_hub import PlacementHub
+from cluster.planning.migration import MigrationPlan, plan_migration
 
 
 class ReplicaMover(Protocol):

@@ -9,7 +9,7 @@
   handles, and attaches under its own name, so a restarted router replaces its old link and
   creates nothing twice. Admin calls go through to the controller.
 
-This module is the composition root for the actor layout, as `cluster.launcher` is for one
+This module is the composition root for the actor layout, as `cluster.app.launcher` is for one
 process; both build the same `ControlPlane` and `RouterSide`.
 """
 
@@ -26,9 +26,9 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from cluster.app.launcher import RouterSide, build_router
 from cluster.config import ServeConfig, validate_config
-from cluster.control_plane import ControlPlane, start_control_plane, weights_for
-from cluster.launcher import RouterSide, build_router
+from cluster.control.control_plane import ControlPlane, start_control_plane, weights_for
 from cluster.placement import Placement
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """The rebalance controller: watches the routed load and replicates hot experts, live.
 
-`decide` is the pure decision (balancedness, state, now -> trigger?, state); `Controller` is the
-loop that reads the load window, plans with `cluster.planner`, and hands the plan to the
+`Controller` is the loop: it reads the load window, takes the pure decision of
+`cluster.planning.rebalance.decide` (which also plans), and hands a plan to act on to the
 `Rebalancer`. Every decision that acts or skips is kept as an event with its reason.
 """
 
@@ -12,18 +12,19 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
 
 from cluster.config import RebalanceConfig
-from cluster.load_stats import LoadSnapshot
-from cluster.loops import Periodic
+from cluster.control.loops import Periodic
+from cluster.control.placement_hub import PlacementHub
+from cluster.control.rebalancer import MigrationReport, Rebalancer
 from cluster.placement import Placement
-from cluster.placement_hub import PlacementHub
-from cluster.planner import count_moves, layer_balancedness, plan_placement
-from cluster.rebalancer import MigrationReport, Rebalancer
+from cluster.planning.load_stats import LoadSnapshot
+from cluster.planning.planner import count_moves, layer_balancedness
+from cluster.planning.rebalance import RebalanceDecision, RebalanceState, decide, plan_for
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -36,31 +37,6 @@ def notify(listeners: Sequence[Callable[[T], None]], event: T) -> None:
             listener(event)
         except Exception:
             log.exception("event listener failed")
-
-
-@dataclass(frozen=True)
-class RebalanceState:
-    """last_s: when the controller last planned; floor: trigger only below this balancedness."""
-
-    last_s: float = float("-inf")
-    floor: float = 1.0
-
-
-def decide(balancedness: float, state: RebalanceState, now_s: float, config: RebalanceConfig) -> tuple[bool, str, RebalanceState]:
-    """Whether to plan a rebalance now. Pure.
-
-    Triggers when balancedness is below `min(threshold, floor)` and `min_interval_s` has passed.
-    After a rebalance the floor is (balancedness reached - hysteresis), so a placement that is
-    as good as it gets is not re-planned until the load has drifted further.
-    """
-    if balancedness >= config.threshold:
-        return False, f"balanced ({balancedness:.3f} >= threshold {config.threshold})", replace(state, floor=1.0)
-    trigger_below = min(config.threshold, state.floor)
-    if balancedness >= trigger_below:
-        return False, f"within hysteresis ({balancedness:.3f} >= {trigger_below:.3f})", state
-    if now_s - state.last_s < config.min_interval_s:
-        return False, f"too soon ({now_s - state.last_s:.1f}s < min_interval_s {config.min_interval_s})", state
-    return True, f"balancedness {balancedness:.3f} < {trigger_below:.3f}", replace(state, last_s=now_s)
 
 
 @dataclass(frozen=True)
@@ -121,13 +97,7 @@ class Controller:
         if load is None:
             load = self._load(self._clock()).placement_load
         capacity = self.capacity if capacity is None else list(capacity)
-        current = self._hub.current
-        if len(capacity) != current.num_workers:
-            current = current.resized(len(capacity), 0, current.version)
-        return plan_placement(
-            np.asarray(load, dtype=np.float64), capacity, current,
-            min_replicas=self.config.min_replicas, policy=self.config.policy, worker_nodes=self._nodes,
-        )
+        return plan_for(load, capacity, self._hub.current, self.config, self._nodes)
 
     async def check(self, force: bool = False, explain: bool = False) -> RebalanceEvent | None:
         """Look at the load once; plan and apply when `decide` says so (or `force`).
@@ -143,39 +113,33 @@ class Controller:
     async def _check(self, force: bool, explain: bool) -> RebalanceEvent | None:
         now = self._clock()
         snapshot = self._load(now)
-        before = float(self.balancedness(snapshot).min())
-        if snapshot.total_tokens < self.config.min_window_tokens and not force:
-            reason = f"too few routed tokens in the window ({snapshot.total_tokens} < min_window_tokens {self.config.min_window_tokens})"
-            return RebalanceEvent(now, reason, before, before, 0, None) if explain else None
-        if self._hub.down:  # no migration onto, or from, a worker that is not there
-            reason = f"workers {sorted(self._hub.down)} are down; the supervisor is restoring them"
-            if force:
-                event = RebalanceEvent(now, f"skipped: {reason}", before, before, 0, None, "skipped")
+        decision, self.state = decide(
+            snapshot.placement_load, snapshot.total_tokens, self._hub.current, self.capacity, self.state, now,
+            self.config, self._nodes, frozenset(self._hub.down), force)
+        if decision.action == "wait":
+            if force:  # asked for and not done: recorded
+                event = self._event(now, decision, f"skipped: {decision.reason}", None, "skipped")
                 self._record(event)
                 return event
-            return RebalanceEvent(now, reason, before, before, 0, None) if explain else None
-        trigger, reason, self.state = decide(before, self.state, now, self.config)
-        if force and not trigger:
-            reason = f"forced on demand at balancedness {before:.3f}"
-        if not (trigger or force):
-            return RebalanceEvent(now, reason, before, before, 0, None) if explain else None
-        target = self.plan(snapshot.placement_load)
-        planned = float(layer_balancedness(target, snapshot.placement_load).min())
-        moves = count_moves(self._hub.current, target)
-        if not force and planned - before < self.config.min_gain:
-            event = RebalanceEvent(now, f"skipped: plan gains {planned - before:.3f} < min_gain {self.config.min_gain}",
-                                   before, planned, moves, None, "skipped")
-            self.state = replace(self.state, floor=before - self.config.hysteresis)
+            return self._event(now, decision, decision.reason, None, "automatic") if explain else None
+        if decision.action == "skip":
+            event = self._event(now, decision, f"skipped: {decision.reason}", None, "skipped")
+        elif decision.changes:
+            report = await self._rebalancer.apply(decision.target)
+            event = self._event(now, decision, decision.reason, report, "forced" if force else "automatic")
         else:
-            changes = target.replica_set != self._hub.current.replica_set
-            report = await self._rebalancer.apply(target) if changes else None
-            kind = ("forced" if force else "automatic") if changes else "unchanged"
-            event = RebalanceEvent(now, reason if changes else f"{reason}: the plan is the placement in service",
-                                   before, planned, moves, report, kind)
-            self.state = replace(self.state, floor=planned - self.config.hysteresis)
+            event = self._event(now, decision, f"{decision.reason}: the plan is the placement in service", None,
+                                "unchanged")
         self._record(event)
-        log.info("rebalance: %s (%.3f -> %.3f, %d moves)", event.reason, before, planned, moves)
+        log.info("rebalance: %s (%.3f -> %.3f, %d moves)", event.reason, event.balancedness_before,
+                 event.balancedness_planned, event.moves)
         return event
+
+    @staticmethod
+    def _event(now: float, decision: RebalanceDecision, reason: str, report: MigrationReport | None,
+               kind: str) -> RebalanceEvent:
+        return RebalanceEvent(now, reason, decision.balancedness_before, decision.balancedness_planned,
+                              decision.moves, report, kind)
 
     async def apply(self, target: Placement, reason: str = "applied on demand") -> RebalanceEvent:
         """Move to a given placement (e.g. imported from a file), make-before-break."""

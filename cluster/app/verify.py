@@ -168,8 +168,8 @@ def verify_at(address: str, name: str, model: torch.nn.Module, spec: ModelSpec, 
 async def serve_and_verify(checkpoint: str, model: torch.nn.Module, spec: ModelSpec, workers: int = 2,
                            name: str = "moe", progress=None, **options) -> VerifyReport:
     """Serve `checkpoint` in this process (Ray connected), `verify_at` it, and stop serving."""
+    from cluster.app.launcher import deploy
     from cluster.config import ServeConfig
-    from cluster.launcher import deploy
 
     config = ServeConfig().with_overrides(**{
         "model.checkpoint": os.path.abspath(checkpoint), "model.name": name, "router.port": 0, "workers.count": workers})

@@ -2,7 +2,7 @@
 
 `deploy(config)` starts (or joins) Ray, starts the control plane (workers, placement, load,
 rebalancing and scaling loops) and a router in the same process, linked in process, with the
-gRPC server on top. `cluster.service` wires the same two halves as Ray actors instead.
+gRPC server on top. `cluster.app.service` wires the same two halves as Ray actors instead.
 """
 
 from __future__ import annotations
@@ -16,18 +16,17 @@ from typing import Any
 import ray
 import torch
 
-from cluster.admin import ModelAdmin
 from cluster.config import RayConfig, ServeConfig
-from cluster.control_plane import ControlPlane, LoadProgress, start_control_plane, weights_for
-from cluster.controller import Controller
-from cluster.load_stats import RouterReport
-from cluster.metrics import RouterMetrics
-from cluster.model_spec import ModelSpec
+from cluster.control.admin import ModelAdmin
+from cluster.control.control_plane import ControlPlane, LoadProgress, start_control_plane, weights_for
+from cluster.control.controller import Controller
+from cluster.control.metrics import RouterMetrics
+from cluster.model_spec import GateWeights, ModelSpec
 from cluster.placement import Placement
-from cluster.placement_store import PlacementStore
+from cluster.planning.load_stats import RouterReport
 from router_service.admin_servicer import AdminOperations
-from router_service.gate import GateWeights
 from router_service.moe_layer import DistributedMoELayer
+from router_service.placement_store import PlacementStore
 from router_service.ray_backend import RayExpertBackend
 from router_service.router import ModelRouter
 from router_service.server import RouterServer, start_server
@@ -101,12 +100,7 @@ def build_router(config: ServeConfig, spec: ModelSpec, gates: dict[int, GateWeig
     backend = RayExpertBackend(handles)
     layer = DistributedMoELayer(spec, gates, store, backend, max_retries=config.router.max_retries,
                                 max_worker_inflight_tokens=config.router.max_worker_inflight_tokens)
-    router = ModelRouter(config.model.name, layer, {
-        "max_batch_tokens": config.router.max_batch_tokens,
-        "max_wait_ms": config.router.max_wait_ms,
-        "max_inflight_batches": config.router.max_inflight_batches,
-        "max_queued_tokens": config.router.max_queued_tokens,
-    }, router_id=router_id)
+    router = ModelRouter(config.model.name, layer, config.router, router_id=router_id)
     return RouterSide(router_id, router, store, backend)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.traffic import zipf_probs
+from cluster.sim.traffic import zipf_probs
 
 DAY_S = 86400.0
 PEAK_HOUR = 16.0  # the smooth daily curve peaks at 16:00 and bottoms out 12 hours earlier

@@ -1,6 +1,6 @@
 """`moe-serve deploy | status | scale | shutdown`: a long-lived service on a running Ray cluster.
 
-`deploy` creates the detached controller (see `cluster.service`) and returns once the router
+`deploy` creates the detached controller (see `cluster.app.service`) and returns once the router
 serves; the service then lives on without the terminal. The other commands find it by model
 name in its Ray namespace.
 """
@@ -11,12 +11,19 @@ import argparse
 import json
 import time
 
-from cluster.config import ConfigError, RayConfig, load_config
-from cluster.console import (
-    console, decisions_table, events_table, load_progress, placement_table, scale_events_table,
-    service_summary, worker_events_table, worker_load_table,
-)
+from rich.console import Console
 
+from cluster.app.console import (
+    decisions_table,
+    events_table,
+    load_progress,
+    placement_table,
+    scale_events_table,
+    service_summary,
+    worker_events_table,
+    worker_load_table,
+)
+from cluster.config import ConfigError, RayConfig, load_config
 
 DEFAULT_NAMESPACE = RayConfig().namespace
 
@@ -50,15 +57,15 @@ def add_service_parsers(sub) -> None:
 
 
 def _connect(address: str, namespace: str) -> None:
-    from cluster.launcher import connect_ray
+    from cluster.app.launcher import connect_ray
 
     connect_ray(RayConfig(address=address, namespace=namespace))
 
 
-def cmd_deploy(args) -> int:
+def cmd_deploy(args, console: Console) -> int:
     import ray
 
-    from cluster.service import create_controller
+    from cluster.app.service import create_controller
 
     config = load_config(args.config).with_overrides(**{
         "model.name": args.model_name, "router.port": args.port, "router.host": args.host,
@@ -72,7 +79,7 @@ def cmd_deploy(args) -> int:
     controller = create_controller(config)
     started = controller.start.remote()
     deadline = time.monotonic() + args.timeout_s
-    with load_progress() as progress:
+    with load_progress(console) as progress:
         while not ray.wait([started], timeout=0.25)[0]:
             progress(*ray.get(controller.progress.remote()))
             if time.monotonic() > deadline:
@@ -97,13 +104,13 @@ def cmd_deploy(args) -> int:
 
 
 def _controller(args):
-    from cluster.service import find_controller
+    from cluster.app.service import find_controller
 
     _connect(args.address, args.namespace)
     return find_controller(args.model, args.namespace)
 
 
-def cmd_status(args) -> int:
+def cmd_status(args, console: Console) -> int:
     import ray
 
     controller = _controller(args)
@@ -113,7 +120,7 @@ def cmd_status(args) -> int:
 
     status = fetch()
     if args.png:
-        from cluster.status_picture import write_status_png
+        from cluster.app.status_picture import write_status_png
 
         write_status_png(status, args.png)
         status.pop("history")
@@ -154,7 +161,7 @@ def status_view(status: dict):
     return Group(*parts)
 
 
-def cmd_scale(args) -> int:
+def cmd_scale(args, console: Console) -> int:
     import ray
 
     result = ray.get(_controller(args).scale.remote(None if args.auto else args.workers))
@@ -171,7 +178,7 @@ def cmd_scale(args) -> int:
     return 0 if result.get("action") != "failed" else 1
 
 
-def cmd_shutdown(args) -> int:
+def cmd_shutdown(args, console: Console) -> int:
     import ray
 
     controller = _controller(args)

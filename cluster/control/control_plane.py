@@ -5,7 +5,7 @@ It owns everything long-lived: the `ExpertPool` (the workers are its Ray childre
 `PlacementHub` that fans placements out to the routers, the `LoadBoard` fed by the routers'
 reports, the rebalance `Controller`, the scaling `Reconciler` and `Autoscaler`, and the
 `ModelAdmin` operations. Routers attach to it through `RouterLink`s: in the same process for
-`moe-serve serve`, from a router actor for `moe-serve deploy` (see `cluster.service`).
+`moe-serve serve`, from a router actor for `moe-serve deploy` (see `cluster.app.service`).
 """
 
 from __future__ import annotations
@@ -16,18 +16,18 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from cluster.admin import ModelAdmin
 from cluster.config import ServeConfig
-from cluster.controller import Controller
-from cluster.load_stats import LoadBoard
-from cluster.metrics import ControlMetrics
-from cluster.observer import Observer
+from cluster.control.admin import ModelAdmin
+from cluster.control.controller import Controller
+from cluster.control.metrics import ControlMetrics
+from cluster.control.observer import Observer
+from cluster.control.placement_hub import PlacementHub, RouterLink
+from cluster.control.rebalancer import Rebalancer
+from cluster.control.scaler import Autoscaler, Reconciler, observe_fleet
+from cluster.control.supervisor import WorkerSupervisor
 from cluster.placement import Placement, slots_per_worker
-from cluster.placement_hub import PlacementHub, RouterLink
-from cluster.planner import layer_balancedness
-from cluster.rebalancer import Rebalancer
-from cluster.scaler import Autoscaler, Reconciler, observe_fleet
-from cluster.supervisor import WorkerSupervisor
+from cluster.planning.load_stats import LoadBoard
+from cluster.planning.planner import layer_balancedness
 from workers.pool import ExpertPool
 from workers.weights import WeightSource, open_weights
 from workers.worker import ExpertWorker
