@@ -168,8 +168,9 @@ class MonitoringConfig(_Section):
 
 
 class RouterConfig(_Section):
-    host: Annotated[str, Field(description="address the gRPC server binds; 0.0.0.0 exposes it")] = "127.0.0.1"
+    host: Annotated[str, Field(description="address the gRPC and HTTP servers bind; 0.0.0.0 exposes them")] = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535, description="gRPC port; 0 picks a free one")] = 8001
+    http_port: Annotated[int | None, Field(ge=0, le=65535, description="OpenAI-compatible HTTP port (text generation); 0 picks a free one, null serves no HTTP")] = 8000
     max_batch_tokens: Annotated[int, Field(ge=1, description="tokens per batch sent to the workers")] = 8192
     max_wait_ms: Annotated[float, Field(ge=0, description="how long a batch waits for more requests once a worker slot is free; 0: requests that queue while the workers are busy form the next batch")] = 0.0
     max_inflight_batches: Annotated[int, Field(ge=1, description="batches in the workers at once per layer")] = 2
@@ -181,6 +182,22 @@ class RouterConfig(_Section):
     num_cpus: Annotated[float, Field(ge=0, description="CPUs Ray reserves for the router actor (moe-serve deploy)")] = 1.0
     drain_s: Annotated[float, Field(ge=0, description="on SIGTERM (moe-serve serve): how long health says NOT_SERVING while requests are still served, so load balancers stop sending before the port closes")] = 5.0
     grace_s: Annotated[float, Field(ge=0, description="after the drain window: how long requests already in flight get to finish once new ones are refused")] = 10.0
+
+
+class GenerationConfig(_Section):
+    """Text generation on the router (when the checkpoint has its dense weights and a tokenizer):
+    continuous batching over a paged KV cache."""
+
+    enabled: Annotated[bool, Field(description="generate text when the checkpoint allows it; false serves MoE layers only")] = True
+    device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="where the dense part of the model (attention, norms, LM head) runs")] = "auto"
+    kv_cache_mb: Annotated[float, Field(gt=0, description="memory for the KV cache of all running sequences; blocks are handed out as sequences grow")] = 512.0
+    block_size: Annotated[int, Field(ge=1, le=1024, description="tokens per KV-cache block")] = 16
+    max_num_seqs: Annotated[int, Field(ge=1, description="sequences running (decoding or reading their prompt) at once")] = 64
+    max_batch_tokens: Annotated[int, Field(ge=1, description="tokens one step computes: decode tokens plus prompt chunks")] = 2048
+    prefill_chunk_tokens: Annotated[int, Field(ge=1, description="prompt tokens one sequence reads per step; longer prompts are read in chunks mixed with decode steps")] = 512
+    max_waiting: Annotated[int, Field(ge=1, description="requests waiting for room in the cache; more are refused (HTTP 429, RESOURCE_EXHAUSTED)")] = 512
+    max_model_len: Annotated[int | None, Field(ge=2, description="longest sequence (prompt + new tokens); default: the model's max_position_embeddings, within what the KV cache holds")] = None
+    default_max_tokens: Annotated[int, Field(ge=1, description="new tokens when a request does not say")] = 16
 
 
 class RayConfig(_Section):
@@ -237,6 +254,7 @@ class ServeConfig(_Section):
     model: ModelConfig = ModelConfig()
     workers: WorkersConfig = WorkersConfig()
     router: RouterConfig = RouterConfig()
+    generation: GenerationConfig = GenerationConfig()
     rebalance: RebalanceConfig = RebalanceConfig()
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     monitoring: MonitoringConfig = MonitoringConfig()

@@ -1,6 +1,7 @@
-"""ModelRouter: one served model as the gRPC layer sees it — its spec, its request batcher in
-front of the distributed MoE layer, and the routed load it has counted, which the control plane
-collects with `take_report`."""
+"""ModelRouter: one served model as the gRPC and HTTP edges see it: its spec, its request batcher
+in front of the distributed MoE layer (the layer API), its text model when it generates (whose
+MoE layers go through the same distributed layer), and the routed load both have counted, which
+the control plane collects with `take_report`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from cluster.config import RouterConfig
 from cluster.model_spec import ModelSpec
 from cluster.planning.load_stats import RouterReport
 from router_service.batcher import Batcher, RequestResult
+from router_service.errors import ServingError
+from router_service.generation.text import TextModel
 from router_service.moe_layer import DistributedMoELayer, LayerOutput
 
 
@@ -39,6 +42,7 @@ class ModelRouter:
         self.batches_served = 0
         self._layer = layer
         self._batcher = Batcher(self._forward, config, model=name)
+        self.text: TextModel | None = None  # set when the model generates text
 
     def __repr__(self) -> str:
         return f"ModelRouter(name={self.name!r}, ready={self.ready}, draining={self.draining})"
@@ -53,6 +57,14 @@ class ModelRouter:
         self.expert_tokens[self.spec.moe_index(layer)] += out.expert_tokens
         self.batches_served += 1
         return out
+
+    async def moe(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, ServingError | None]:
+        """One MoE layer of a generation step, `[N, H]` (any device and float dtype) -> its output
+        `[N, H]` float32 on the CPU, the tokens that could not be served (`[N]` bool, or None) and
+        why. Counted as routed load like the layer API's requests."""
+        out = await self._forward(layer, hidden.detach().to(device="cpu", dtype=torch.float32).contiguous())
+        failed = None if out.failed is None else torch.from_numpy(out.failed)
+        return out.hidden, failed, out.failure
 
     async def infer(self, layer: int, hidden: torch.Tensor) -> RequestResult:
         """hidden: `[t, H]` float32, already checked against the spec."""
@@ -81,4 +93,6 @@ class ModelRouter:
 
     async def close(self) -> None:
         self.ready = False
+        if self.text is not None:
+            await self.text.close()
         await self._batcher.close()

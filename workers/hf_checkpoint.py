@@ -118,6 +118,22 @@ class HFCheckpoint:
 
         return produce_experts(self.spec, checked, read, read_shared, progress)
 
+    def dense_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor but the MoE blocks' (embeddings, attention, norms, dense MLP layers, LM
+        head), by checkpoint key, as stored: what the router's dense side runs. Reads no expert."""
+        moe_prefixes = tuple(f"model.layers.{layer}.{self.layout.block}." for layer in self.spec.moe_layers)
+        files = {key: name for key, name in _all_key_files(self.root).items() if not key.startswith(moe_prefixes)}
+        handles: dict[str, Any] = {}
+        tensors = {}
+        for key, name in files.items():
+            if name not in handles:
+                handles[name] = _open(self.root / name, f"tensor {key!r}")
+            try:
+                tensors[key] = handles[name].get_tensor(key)
+            except SafetensorError as exc:
+                raise CheckpointError(f"{self.root / name}: cannot read tensor {key!r}: {exc}") from exc
+        return tensors
+
     def _read(self, handles: dict[str, Any], key: str, kind: str) -> torch.Tensor:
         """Read one tensor (`kind`: see `_expected_shape`) as float32, checking its shape;
         `handles` caches open files."""
@@ -243,6 +259,17 @@ def _key_files(root: Path, required: list[str]) -> dict[str, str]:
                     f"{root / name}: shard file is missing; {INDEX_FILE} maps {key!r} to it"
                 )
     return files
+
+
+def _all_key_files(root: Path) -> dict[str, str]:
+    """Every tensor key of the checkpoint -> the file (name inside `root`) that holds it."""
+    index = root / INDEX_FILE
+    if index.is_file():
+        weight_map = _load_json(index).get("weight_map")
+        return {k: v for k, v in weight_map.items() if isinstance(v, str)} if isinstance(weight_map, dict) else {}
+    single = root / SINGLE_FILE
+    paths = [single] if single.is_file() else sorted(root.glob("*.safetensors"))
+    return {key: path.name for path in paths for key in _open(path, "listing its tensors").keys()}
 
 
 def _files_from_index(index: Path, required: set[str]) -> dict[str, str]:

@@ -1,5 +1,7 @@
 """Tiny random models of every family we serve, built with `transformers`' own config and model
-classes, so that a checkpoint saved from one (`save_pretrained`) is in the family's real layout.
+classes, so that a checkpoint saved from one (`save_pretrained`) is in the family's real layout,
+with a real tokenizer beside it (`tokenizer.json`, `tokenizer_config.json` and a chat template),
+trained offline with the `tokenizers` library on a small made-up corpus.
 
 For tests, benchmarks and smoke checks (`moe-serve verify` on one of these proves the whole path
 without downloading a model). Needs `transformers`; weights are random with std 0.1, so gates
@@ -15,7 +17,13 @@ from typing import Any
 import torch
 
 SMALL = dict(vocab_size=48, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-             max_position_embeddings=64, initializer_range=0.1)
+             max_position_embeddings=64, initializer_range=0.1, bos_token_id=1, eos_token_id=2)
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2: the models' bos_token_id and eos_token_id
+ALPHABET = "abcdefghijklmnopqrstuvwxyz ,.!?:'\n"
+WORDS = ("the cat sat on a mat and the dog ran far to sea under a big red sun while the moon rose over "
+         "quiet hills where birds sing of rain snow wind fire stone river light dark old new").split()
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
 DEEPSEEK_ATTENTION = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
                           qk_nope_head_dim=8, v_head_dim=16)
 
@@ -49,11 +57,44 @@ class TinyFamily:
                     bias.copy_(0.3 * torch.randn_like(bias))
         return model
 
-    def save(self, path: str | Path) -> torch.nn.Module:
-        """Build and save the model to `path` with `save_pretrained`; returns the model."""
+    def save(self, path: str | Path, tokenizer: bool = True) -> torch.nn.Module:
+        """Build and save the model to `path` with `save_pretrained`, with a tokenizer of its
+        vocabulary beside it (unless `tokenizer` is false: MoE weights and config only); returns
+        the model."""
         model = self.build()
         model.save_pretrained(path)
+        if tokenizer:
+            build_tokenizer(model.config.vocab_size, seed=self.seed).save_pretrained(path)
         return model
+
+
+def build_tokenizer(vocab_size: int, seed: int = 0, corpus_lines: int = 400):
+    """A byte-pair tokenizer of exactly `vocab_size` tokens (at least the alphabet and the special
+    tokens, 38), trained on seeded made-up sentences, wrapped as `transformers`' fast tokenizer
+    with `<s>` / `</s>` and a plain chat template (`role: content` lines, then `assistant:`)."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = list(dict.fromkeys(ALPHABET))
+    smallest = len(alphabet) + len(SPECIAL_TOKENS) + 1  # + the metaspace marker
+    if vocab_size < smallest:
+        raise ValueError(f"vocab_size {vocab_size} is below the {smallest} tokens of the alphabet and special tokens")
+    rng = random.Random(seed)
+    corpus = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 16))) for _ in range(corpus_lines)]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), initial_alphabet=alphabet,
+                                  limit_alphabet=len(alphabet) + 1, show_progress=False)
+    tokenizer.train_from_iterator(corpus, trainer)
+    for i in range(tokenizer.get_vocab_size(), vocab_size):  # a corpus too small for every merge: fill up
+        tokenizer.add_tokens([f"<extra_{i}>"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
 
 
 def _qwen3(norm: bool):

@@ -25,11 +25,15 @@ from cluster.model_spec import GateWeights, ModelSpec
 from cluster.placement import Placement
 from cluster.planning.load_stats import RouterReport
 from router_service.admin_servicer import AdminOperations
+from router_service.generation.dense_model import DenseWeightsError
+from router_service.generation.engine import EngineSettings, GenerationMetrics
+from router_service.generation.text import TOKENIZER_FILES, build_text_model, has_tokenizer
 from router_service.moe_layer import DistributedMoELayer
 from router_service.placement_store import PlacementStore
 from router_service.ray_backend import RayExpertBackend
 from router_service.router import ModelRouter
 from router_service.server import RouterServer, start_server
+from workers.hf_checkpoint import HFCheckpoint
 from workers.pool import ExpertPool
 from workers.weights import WeightSource
 from workers.worker import ExpertWorker
@@ -66,6 +70,7 @@ class RouterSide:
     store: PlacementStore
     backend: RayExpertBackend
     server: RouterServer | None = None
+    text_note: str | None = None  # why it serves MoE layers only (None: it generates text)
 
     async def publish(self, placement: Placement) -> None:
         if placement.version > self.store.current.version:
@@ -90,6 +95,29 @@ class RouterSide:
             admins={self.router.name: admin}, serving=True, metrics=metrics, security=config.security,
         )
         return self.server
+
+
+def attach_text_model(config: ServeConfig, weights: WeightSource, router: ModelRouter,
+                      metrics: GenerationMetrics | None = None) -> str | None:
+    """Give `router` the checkpoint's text model (the dense part of the model, on this process's
+    device, and its tokenizer) when the checkpoint has them and `generation.enabled`; returns
+    why it serves MoE layers only, or None when it generates."""
+    checkpoint = config.model.checkpoint
+    if not config.generation.enabled:
+        return "generation.enabled is false"
+    if checkpoint is None or not isinstance(weights, HFCheckpoint):
+        return "a random model has no dense weights or tokenizer"
+    if not has_tokenizer(checkpoint):
+        return f"{checkpoint} has no tokenizer ({' or '.join(TOKENIZER_FILES)})"
+    gen = config.generation
+    settings = EngineSettings(int(gen.kv_cache_mb * 2**20), gen.block_size, gen.max_num_seqs, gen.max_batch_tokens,
+                              gen.prefill_chunk_tokens, gen.max_waiting, gen.max_model_len)
+    try:
+        router.text = build_text_model(config.model.name, checkpoint, weights.dense_tensors(), weights.spec.moe_layers,
+                                       router.moe, settings, gen.device, gen.default_max_tokens, metrics)
+    except DenseWeightsError as err:
+        return f"{checkpoint} holds no usable dense weights ({err})"
+    return None
 
 
 def build_router(config: ServeConfig, spec: ModelSpec, gates: dict[int, GateWeights], placement: Placement,
@@ -161,6 +189,7 @@ async def deploy(config: ServeConfig, progress: LoadProgress | None = None,
         spec = plane.weights.spec
         gates = {layer: plane.weights.gate(layer) for layer in spec.moe_layers}
         side = build_router(config, spec, gates, plane.placement, plane.hub.workers)
+        side.text_note = attach_text_model(config, plane.weights, side.router)
         await plane.attach(side)
         await side.open(config, plane.admin)
     except BaseException:

@@ -66,7 +66,7 @@ def load_hf_model(checkpoint: str) -> torch.nn.Module:
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
-        raise SystemExit("moe-serve verify needs Hugging Face transformers: pip install 'moe-serve[verify]'") from None
+        raise SystemExit("moe-serve verify needs Hugging Face transformers: pip install 'transformers>=5.25,<6'") from None
     return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
 
 
