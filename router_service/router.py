@@ -88,8 +88,9 @@ class ModelRouter:
         delays = tuple(self._queue_delays)
         self._queue_delays.clear()
         lost, self._layer.lost_workers = tuple(sorted(self._layer.lost_workers)), set()
+        generation = self.text.engine.take_load() if self.text is not None else None
         return RouterReport(self.router_id, delta, delays, self._batcher.oldest_queued_s(),
-                            self.outstanding_tokens_now(), lost)
+                            self.outstanding_tokens_now(), lost, generation)
 
     async def close(self) -> None:
         self.ready = False

@@ -23,7 +23,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 from google.protobuf import message_factory
@@ -117,12 +117,25 @@ def _add_guarded(server: grpc.aio.Server, service: ServiceDescriptor, servicer: 
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
+class HttpFace(Protocol):
+    """The OpenAI-compatible HTTP server beside the gRPC port (`router_service.openai_http`)."""
+
+    port: int
+
+    async def set_serving(self, serving: bool) -> None: ...
+    async def stop(self, grace_s: float) -> None: ...
+
+
 @dataclass
 class RouterServer:
+    """The gRPC server, and the HTTP server beside it when the model generates text (`http`):
+    health, drain and stop cover both."""
+
     server: grpc.aio.Server
     health: health.aio.HealthServicer
     port: int
     models: dict[str, ModelRouter]
+    http: HttpFace | None = None
     _stopped: bool = field(default=False, repr=False)
 
     async def set_health(self, serving: bool) -> None:
@@ -130,6 +143,8 @@ class RouterServer:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", INFERENCE_SERVICE):
             await self.health.set(service, status)
+        if self.http is not None:
+            await self.http.set_serving(serving)
 
     async def set_serving(self, serving: bool) -> None:
         """Health and the models' readiness: not ready, inference answers UNAVAILABLE."""
@@ -165,7 +180,10 @@ class RouterServer:
             return
         self._stopped = True
         await self.set_serving(False)
-        await self.server.stop(grace_s)
+        if self.http is not None:
+            await asyncio.gather(self.server.stop(grace_s), self.http.stop(grace_s))
+        else:
+            await self.server.stop(grace_s)
         for model in self.models.values():
             await model.close()
 

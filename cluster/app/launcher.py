@@ -90,10 +90,21 @@ class RouterSide:
         never serves with a placement the control plane has moved past."""
         router = config.router
         metrics = RouterMetrics([self.router.name]) if config.monitoring.enabled else None
+        models = {self.router.name: self.router}
         self.server = await start_server(
-            {self.router.name: self.router}, router.host, router.port, router.max_message_mb * 1024 * 1024,
+            models, router.host, router.port, router.max_message_mb * 1024 * 1024,
             admins={self.router.name: admin}, serving=True, metrics=metrics, security=config.security,
         )
+        if self.router.text is not None and router.http_port is not None:
+            from router_service.openai_http import start_http_server
+
+            try:
+                self.server.http = await start_http_server(models, router.host, router.http_port,
+                                                           security=config.security, metrics=metrics)
+            except BaseException:
+                await self.server.stop(0)
+                raise
+            await self.server.http.set_serving(True)
         return self.server
 
 

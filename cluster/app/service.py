@@ -26,7 +26,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from cluster.app.launcher import RouterSide, build_router
+from cluster.app.launcher import RouterSide, attach_text_model, build_router
 from cluster.config import ServeConfig, validate_config
 from cluster.control.control_plane import ControlPlane, start_control_plane, weights_for
 from cluster.placement import Placement
@@ -216,6 +216,7 @@ class RouterActor:
         gates = {layer: weights.gate(layer) for layer in spec.moe_layers}
         placement, handles = await controller.router_bootstrap.remote()
         side = build_router(self.config, spec, gates, placement, handles, router_id=name)
+        side.text_note = attach_text_model(self.config, weights, side.router)
         self.side = side
         await controller.attach_router.remote(name)
         await side.open(self.config, RemoteAdmin(self.config.model.name, spec, controller, side.store))

@@ -72,6 +72,22 @@ class SlidingWindowLoad:
 
 
 @dataclass(frozen=True)
+class GenerationLoad:
+    """A router's text generation (its dense side) at one moment: sequences running and waiting
+    for room, the share of its KV cache in use, its `max_num_seqs`, and the time to first token
+    and time per output token of the requests finished since its previous report (the latest
+    ones, bounded)."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_used_fraction: float = 0.0
+    max_num_seqs: int = 1
+    ttft_s: tuple[float, ...] = ()
+    tpot_s: tuple[float, ...] = ()
+    output_tokens: int = 0  # generated since the previous report
+
+
+@dataclass(frozen=True)
 class RouterReport:
     """What one router has seen since its previous report.
 
@@ -79,7 +95,7 @@ class RouterReport:
     the requests finished since then waited in the queue (the latest ones, bounded);
     oldest_queued_s: how long the oldest request still queued has waited; outstanding_tokens:
     `[W]` tokens the router has in the workers now; lost_workers: workers whose calls failed
-    because they were lost, since then.
+    because they were lost, since then; generation: its dense side, when it generates text.
     """
 
     router_id: str
@@ -88,6 +104,7 @@ class RouterReport:
     oldest_queued_s: float = 0.0
     outstanding_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     lost_workers: tuple[int, ...] = ()
+    generation: GenerationLoad | None = None
 
 
 class LoadBoard:
@@ -106,6 +123,9 @@ class LoadBoard:
         self.window = SlidingWindowLoad(num_layers, num_experts, window_s, bucket_s=min(1.0, window_s / 10))
         self.window.add(0, np.zeros(num_experts, dtype=np.int64), started_s)
         self._delays: deque[tuple[float, float]] = deque(maxlen=4096)  # (at_s, delay_s)
+        self._ttft: deque[tuple[float, float]] = deque(maxlen=4096)  # (at_s, time to first token s)
+        self._tpot: deque[tuple[float, float]] = deque(maxlen=4096)  # (at_s, time per output token s)
+        self._generated: deque[tuple[float, int]] = deque(maxlen=4096)  # (at_s, output tokens)
         self._latest: dict[str, tuple[float, RouterReport]] = {}
         self._lost: set[int] = set()
 
@@ -114,6 +134,10 @@ class LoadBoard:
             if counts.any():
                 self.window.add(moe_index, counts, now_s)
         self._delays.extend((now_s, d) for d in report.queue_delays_s)
+        if report.generation is not None:
+            self._ttft.extend((now_s, t) for t in report.generation.ttft_s)
+            self._tpot.extend((now_s, t) for t in report.generation.tpot_s)
+            self._generated.append((now_s, report.generation.output_tokens))
         self._latest[report.router_id] = (now_s, report)
         self._lost.update(report.lost_workers)
 
@@ -139,6 +163,27 @@ class LoadBoard:
         finished = float(np.quantile(recent, quantile)) if recent else 0.0
         waiting = max((r.oldest_queued_s for at, r in self._latest.values() if at >= start), default=0.0)
         return 1000.0 * max(finished, waiting)
+
+    def generation(self, now_s: float) -> dict[str, GenerationLoad]:
+        """The latest generation state of each router that generates and reported within the window."""
+        start = now_s - self.window.window_s
+        return {name: r.generation for name, (at, r) in self._latest.items()
+                if r.generation is not None and at >= start}
+
+    def generation_latency_ms(self, now_s: float, quantile: float = 0.9) -> tuple[float, float]:
+        """(time to first token, time per output token) at `quantile` over the window, in ms;
+        0 without finished requests."""
+        start = now_s - self.window.window_s
+
+        def q(samples: deque) -> float:
+            recent = [v for at, v in samples if at >= start]
+            return 1000.0 * float(np.quantile(recent, quantile)) if recent else 0.0
+        return q(self._ttft), q(self._tpot)
+
+    def output_tokens_per_s(self, now_s: float) -> float:
+        """Tokens generated per second over the window, all routers together."""
+        start = now_s - self.window.window_s
+        return sum(n for at, n in self._generated if at >= start) / self.window.window_s
 
     def outstanding_tokens(self, num_workers: int) -> np.ndarray:
         """`[W]` tokens in the workers now, summed over the routers' latest reports."""

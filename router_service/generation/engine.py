@@ -20,6 +20,7 @@ from typing import Protocol
 
 import torch
 
+from cluster.planning.load_stats import GenerationLoad
 from router_service.errors import ModelNotReady, Overloaded, ServingError
 from router_service.generation.attention import SeqSlots, StepLayout
 from router_service.generation.dense_model import DenseModel
@@ -163,6 +164,9 @@ class GenerationEngine:
         self._task: asyncio.Task | None = None
         self._closed = False
         self.steps = 0
+        self._ttft: deque[float] = deque(maxlen=512)  # finished since the last take_load
+        self._tpot: deque[float] = deque(maxlen=512)
+        self._generated = 0
 
     def __repr__(self) -> str:
         return (f"GenerationEngine(running={len(self._running)}, waiting={len(self._waiting)}, "
@@ -172,6 +176,15 @@ class GenerationEngine:
         return {"running": len(self._running), "waiting": len(self._waiting),
                 "kv_used_fraction": self.allocator.used_fraction, "kv_blocks": self.allocator.num_blocks,
                 "block_size": self.cache.block_size, "max_model_len": self.max_model_len, "steps": self.steps}
+
+    def take_load(self) -> GenerationLoad:
+        """The engine's state now, with the latencies and tokens since the previous call."""
+        load = GenerationLoad(len(self._running), len(self._waiting), self.allocator.used_fraction,
+                              self._schedule.max_num_seqs, tuple(self._ttft), tuple(self._tpot), self._generated)
+        self._ttft.clear()
+        self._tpot.clear()
+        self._generated = 0
+        return load
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> GenerationStream:
         """Queue a request; InvalidRequest when it does not fit the context, Overloaded when the
@@ -284,6 +297,7 @@ class GenerationEngine:
     def _emit(self, seq: _Sequence, token: int, logprob: TokenLogprob | None, now: float) -> None:
         seq.tokens.append(token)
         seq.first_token_s = seq.first_token_s or now
+        self._generated += 1
         text = seq.detok.add(token)
         reason = None
         if seq.detok.stopped or (token in self._eos and not seq.params.ignore_eos):
@@ -305,9 +319,15 @@ class GenerationEngine:
             self._running.remove(seq)
         elif seq in self._waiting:
             self._waiting.remove(seq)
-        if self._metrics is not None and reason != "abort":
-            tpot = (now - seq.first_token_s) / (seq.generated - 1) if seq.generated > 1 else None
-            ttft = seq.first_token_s - seq.arrived_s if seq.first_token_s is not None else None
+        if reason == "abort":
+            return
+        tpot = (now - seq.first_token_s) / (seq.generated - 1) if seq.generated > 1 else None
+        ttft = seq.first_token_s - seq.arrived_s if seq.first_token_s is not None else None
+        if ttft is not None:
+            self._ttft.append(ttft)
+        if tpot is not None:
+            self._tpot.append(tpot)
+        if self._metrics is not None:
             self._metrics.finished(seq.prompt_tokens, seq.generated, ttft, tpot, now - seq.arrived_s, reason)
 
     def _fail(self, seq: _Sequence, err: BaseException) -> None:

@@ -54,7 +54,7 @@ def serve_config(
     return validate_config({
         "model": model,
         "workers": {"count": workers, "num_cpus": 0.5, "torch_threads": 1},
-        "router": {"port": 0, **(router or {})},
+        "router": {"port": 0, "http_port": 0, **(router or {})},
         "ray": {"namespace": NAMESPACE},
         "security": security or {},
     }, source=f"test config {name}")
