@@ -7,7 +7,10 @@ every method of both, built from the service descriptors:
 
 - the handler receives the raw bytes and parses them itself, so bytes that are not the
   method's request message are INVALID_ARGUMENT naming the message type (grpcio's own
-  deserializer would answer INTERNAL, "Exception deserializing request!");
+  deserializer would answer INTERNAL, "Exception deserializing request!"); for the
+  bidirectional stream (`ModelStreamInfer`) each message is parsed as it is read, and one that
+  does not parse ends the stream so (the servicer must let an exception from its request
+  iterator end the call, as `stream_merge.serve_concurrently` does);
 - an exception that escapes a servicer is logged with its traceback and answered INTERNAL,
   "<method> failed inside the server; see the server log" (grpcio would send its text to the
   client, as UNKNOWN);
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -96,15 +99,50 @@ def _guarded(method: MethodDescriptor, behaviour: Callable[[Any, Any], Awaitable
     return handle
 
 
+def _guarded_stream(method: MethodDescriptor, behaviour: Callable[[AsyncIterator[Any], Any], AsyncIterator[Any]]):
+    """`_guarded` for a bidirectional stream: `behaviour(requests, context)` gets the parsed
+    requests as an async iterator and yields the responses."""
+    request_type = message_factory.GetMessageClass(method.input_type)
+    type_name, method_name = method.input_type.full_name, method.name
+
+    async def handle(raw_requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext):
+        async def requests():
+            async for raw in raw_requests:
+                try:
+                    request = request_type.FromString(raw)
+                except Exception as err:  # as in `_guarded`: the bytes are at fault
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"request is not a valid {type_name} protobuf: {_parse_error(err)}")
+                yield request
+
+        try:
+            async for response in behaviour(requests(), _BoundedContext(context)):
+                yield response
+        except grpc.aio.AbortError:  # the servicer (or a message that did not parse) chose the status
+            raise
+        except Exception:
+            log.exception("%s failed", method.full_name)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{method_name} failed inside the server; see the server log")
+
+    return handle
+
+
 def guarded_handlers(service: ServiceDescriptor, servicer: object) -> dict[str, grpc.RpcMethodHandler]:
-    """A raw-bytes handler for every method of `service`, calling `servicer.<Method>`."""
+    """A raw-bytes handler for every method of `service`, calling `servicer.<Method>`: unary
+    methods, and bidirectional streams (TypeError for a method that streams one way only)."""
     handlers = {}
     for method in service.methods:
-        if method.client_streaming or method.server_streaming:
-            raise TypeError(f"{method.full_name} streams; guarded_handlers serves unary methods only")
         response_type = message_factory.GetMessageClass(method.output_type)
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _guarded(method, getattr(servicer, method.name)),
+        behaviour = getattr(servicer, method.name)
+        if method.client_streaming and method.server_streaming:
+            make, handle = grpc.stream_stream_rpc_method_handler, _guarded_stream(method, behaviour)
+        elif method.client_streaming or method.server_streaming:
+            raise TypeError(f"{method.full_name} streams one way only; guarded_handlers serves unary methods "
+                            f"and bidirectional streams")
+        else:
+            make, handle = grpc.unary_unary_rpc_method_handler, _guarded(method, behaviour)
+        handlers[method.name] = make(
+            handle,
             request_deserializer=None,  # the handler gets the bytes and parses them itself
             response_serializer=response_type.SerializeToString,
         )
@@ -195,13 +233,15 @@ def _bind_address(host: str, port: int) -> str:
 async def start_server(
     models: dict[str, ModelRouter], host: str, port: int, max_message_bytes: int,
     admins: dict[str, AdminOperations] | None = None, serving: bool = False,
-    metrics: RequestMetrics | None = None, security: SecurityConfig | None = None,
+    metrics: RequestMetrics | None = None, security: SecurityConfig | None = None, reuse_port: bool = False,
 ) -> RouterServer:
     """Bind and start; health starts NOT_SERVING until `set_serving(True)` (or SERVING at
     once with `serving`). With `admins`, the admin service (load, placement, rebalance) is
     served on the same port; with `metrics`, every inference request is counted there; with
     `security`, its files are read now (ValueError naming the key and path) and the port
-    speaks TLS and checks tokens as it says."""
+    speaks TLS and checks tokens as it says. `reuse_port`: other routers of the model may bind
+    the same port on this node (SO_REUSEPORT: the kernel spreads the connections); otherwise a
+    port in use is an error."""
     secured = ServerSecurity.load(security)
     if not is_loopback_host(host) and secured.credentials is None and not secured.policy.open:
         log.warning("router on %s without TLS: bearer tokens cross the network in plaintext "
@@ -209,7 +249,7 @@ async def start_server(
     server = grpc.aio.server(interceptors=secured.interceptors(), options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),  # several routers of one model on one node
     ])
     _add_guarded(server, INFERENCE_DESCRIPTOR, InferenceServicer(models, metrics))
     services = [INFERENCE_SERVICE]

@@ -1,11 +1,21 @@
 """The KServe v2 `inference.GRPCInferenceService` servicer. Domain errors become gRPC status
-codes here, in one place (`status_code`); nothing else in the router knows about status codes."""
+codes here, in one place (`status_code`); nothing else in the router knows about status codes.
+
+`ModelInfer` serves two kinds of request: the layer API (`hidden_states` of one MoE layer,
+`router_service.codec`) and, when the model generates, text (`text_input`, as Triton's LLM
+backends take it, `router_service.text_codec`). `ModelStreamInfer` is Triton's streaming
+inference (decoupled mode): the requests of one stream are served concurrently, a text request
+is answered piece by piece (the last piece with `triton_final_response: true`), a layer request
+with one response, and a failed request with an `error_message` response that starts with its
+status code's name (a stream has one status, for all its requests), e.g. "INVALID_ARGUMENT: ...".
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from importlib.metadata import PackageNotFoundError, version
 from typing import Protocol
 
@@ -15,7 +25,17 @@ from protos import grpc_predict_v2_pb2 as pb
 from protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from router_service.codec import INPUT_NAME, decode_request, encode_tensor
 from router_service.errors import ExpertUnavailable, InvalidRequest, ModelNotReady, Overloaded, UnknownModel, WorkerLost
+from router_service.generation.engine import StepOutput
 from router_service.router import ModelRouter
+from router_service.stream_merge import serve_concurrently
+from router_service.text_codec import (
+    FINAL_RESPONSE,
+    TEXT_INPUT,
+    TEXT_OUTPUT,
+    decode_text_request,
+    is_text_request,
+    text_response,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +66,23 @@ def status_code(err: Exception) -> grpc.StatusCode:
     return next((code for kind, code in _CODES.items() if isinstance(err, kind)), grpc.StatusCode.INTERNAL)
 
 
-async def _abort(context, err: Exception, what: str, model: str) -> None:
-    """Answer `err` with its status; an unexpected error is logged, the client gets a generic message."""
-    code = status_code(err)
-    if code == grpc.StatusCode.INTERNAL:
+def client_message(err: Exception, what: str, model: str) -> str:
+    """What the client is told of `err`; an unexpected error is logged, the client gets a generic message."""
+    if status_code(err) == grpc.StatusCode.INTERNAL:
         log.error("%s failed for model %r", what, model, exc_info=err)
-        await context.abort(code, f"{what} failed inside the server; see the server log")
-    await context.abort(code, str(err))
+        return f"{what} failed inside the server; see the server log"
+    return str(err)
+
+
+async def _abort(context, err: Exception, what: str, model: str) -> None:
+    """Answer `err` with its status and `client_message`."""
+    await context.abort(status_code(err), client_message(err, what, model))
 
 
 class RequestMetrics(Protocol):
-    """Where finished requests are counted (implemented by `cluster.control.metrics.RouterMetrics`)."""
+    """Where finished requests are counted (implemented by `cluster.control.metrics.RouterMetrics`):
+    each request once, streamed ones too; `tokens` is a layer request's hidden-state rows, or a
+    text request's generated tokens."""
 
     def record_request(self, model: str, code: str, latency_s: float, tokens: int) -> None: ...
     def queue(self, model: str, tokens: int) -> None: ...
@@ -76,6 +102,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise UnknownModel(f"unknown model '{name}'; this server serves {sorted(self._models)}")
         if model_version not in ("", MODEL_VERSION):
             raise UnknownModel(f"model '{name}' has no version '{model_version}'; it has ['{MODEL_VERSION}']")
+        return model
+
+    def _serving(self, request: pb.ModelInferRequest) -> ModelRouter:
+        model = self._model(request.model_name, request.model_version)
+        if not model.ready:
+            raise ModelNotReady(f"model '{model.name}' is not ready yet")
         return model
 
     async def ServerLive(self, request, context):
@@ -119,37 +151,90 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         params["top_k"].int64_param = spec.top_k
         params["num_shared_experts"].int64_param = spec.num_shared_experts  # pieces served beside the routed
         params["gate"].string_param = spec.gate.scoring + (" group-limited" if spec.gate.grouped else "")
+        params["generates_text"].bool_param = model.text is not None
+        if model.text is not None:  # the layer API's tensors stay first
+            response.inputs.append(meta(name=TEXT_INPUT, datatype="BYTES", shape=[1]))
+            response.outputs.append(meta(name=TEXT_OUTPUT, datatype="BYTES", shape=[-1]))
+            params["max_model_len"].int64_param = model.text.max_model_len
+            params["default_max_tokens"].int64_param = model.text.default_max_tokens
         return response
 
     async def ModelInfer(self, request, context):
-        if self._metrics is None:
-            return await self._infer(request, context)
         start, code, tokens = time.perf_counter(), "OK", 0
         try:
-            response = await self._infer(request, context)
-            tokens = response.outputs[0].shape[0] if response.outputs else 0
+            response, tokens = await self._answer(request)
             return response
         except asyncio.CancelledError:
             code = "CANCELLED"  # the client went away or its deadline passed
             raise
-        except Exception:
-            code = context.code().name if context.code() is not None else "UNKNOWN"  # set by abort
-            raise
-        finally:
-            self._metrics.record_request(request.model_name, code, time.perf_counter() - start, tokens)
-            model = self._models.get(request.model_name)
-            if model is not None:
-                self._metrics.queue(model.name, model.queued_tokens)
-
-    async def _infer(self, request, context):
-        try:
-            model = self._model(request.model_name, request.model_version)
-            if not model.ready:
-                raise ModelNotReady(f"model '{model.name}' is not ready yet")
-            decoded = decode_request(request, model.spec)
-            result = await model.infer(decoded.layer, decoded.hidden)
         except Exception as err:
+            code = status_code(err).name
             await _abort(context, err, "inference", request.model_name)
+        finally:
+            self._record(request.model_name, code, start, tokens)
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        async for response in serve_concurrently(request_iterator, self._stream_one):
+            yield response
+
+    async def _answer(self, request: pb.ModelInferRequest) -> tuple[pb.ModelInferResponse, int]:
+        """The whole answer to one request and the tokens it served (hidden-state rows, or new
+        tokens of text); raises the domain error that stopped it."""
+        model = self._serving(request)
+        if not is_text_request(request):
+            return await self._layer(model, request)
+        pieces, last = [], None
+        async for last in self._generate(model, request):
+            pieces.append(last.text)
+        response = text_response(model.name, MODEL_VERSION, request.id, "".join(pieces), last.prompt_tokens,
+                                 last.completion_tokens, last.finish_reason)
+        return response, last.completion_tokens
+
+    async def _stream_one(self, request: pb.ModelInferRequest) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """One request of a stream: each piece of text as it comes (or the layer's one answer),
+        or its failure as an `error_message` response."""
+        start, code, tokens = time.perf_counter(), "OK", 0
+        try:
+            model = self._serving(request)
+            if not is_text_request(request):
+                response, tokens = await self._layer(model, request)
+                yield pb.ModelStreamInferResponse(infer_response=response)
+                return
+            async for out in self._generate(model, request):
+                tokens = out.completion_tokens
+                piece = text_response(model.name, MODEL_VERSION, request.id, out.text, out.prompt_tokens,
+                                      out.completion_tokens, out.finish_reason, final=out.finish_reason is not None)
+                yield pb.ModelStreamInferResponse(infer_response=piece)
+        except asyncio.CancelledError:
+            code = "CANCELLED"  # the client closed or cancelled the stream
+            raise
+        except Exception as err:
+            code = status_code(err).name
+            failed = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
+                                           id=request.id)
+            failed.parameters[FINAL_RESPONSE].bool_param = True  # nothing more comes for this request
+            message = f"{code}: {client_message(err, 'inference', request.model_name)}"
+            yield pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
+        finally:
+            self._record(request.model_name, code, start, tokens)
+
+    async def _generate(self, model: ModelRouter, request: pb.ModelInferRequest) -> AsyncIterator[StepOutput]:
+        """A text request's outputs, step by step; leaving early (the client went away) cancels
+        the generation, and the engine frees its KV blocks at its next step."""
+        if model.text is None:
+            raise InvalidRequest(f"model '{model.name}' does not generate text (it serves MoE layers only): send "
+                                 f"input '{INPUT_NAME}' with request parameter 'layer' instead of '{TEXT_INPUT}'")
+        decoded = decode_text_request(request, model.text.default_max_tokens)
+        stream = model.text.generate(model.text.prompt_ids(decoded.prompt), decoded.params)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.cancel()
+
+    async def _layer(self, model: ModelRouter, request: pb.ModelInferRequest) -> tuple[pb.ModelInferResponse, int]:
+        decoded = decode_request(request, model.spec)
+        result = await model.infer(decoded.layer, decoded.hidden)
         values = {
             "hidden_states": (result.hidden, decoded.wire_dtype),
             "topk_ids": (result.topk_ids, "INT32"),
@@ -161,4 +246,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             response.outputs.append(tensor)
             response.raw_output_contents.append(raw)
         response.parameters["placement_version"].int64_param = result.placement_version
-        return response
+        return response, decoded.hidden.shape[0]
+
+    def _record(self, model_name: str, code: str, start_s: float, tokens: int) -> None:
+        """Count one finished request (a stream counts each of its requests)."""
+        if self._metrics is None:
+            return
+        self._metrics.record_request(model_name, code, time.perf_counter() - start_s, tokens)
+        model = self._models.get(model_name)
+        if model is not None:
+            self._metrics.queue(model.name, model.queued_tokens)

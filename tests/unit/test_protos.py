@@ -40,7 +40,7 @@ def test_checked_in_stubs_equal_fresh_codegen(tmp_path: Path) -> None:
         )
 
 
-def test_service_has_exactly_the_six_v2_rpcs() -> None:
+def test_service_has_the_six_v2_rpcs_and_tritons_stream() -> None:
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 
     rpcs = {m.name: (m.input_type.full_name, m.output_type.full_name) for m in service.methods}
@@ -49,9 +49,12 @@ def test_service_has_exactly_the_six_v2_rpcs() -> None:
         name: (f"inference.{name}Request", f"inference.{name}Response")
         for name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
     }
+    expected["ModelStreamInfer"] = ("inference.ModelInferRequest", "inference.ModelStreamInferResponse")
     assert rpcs == expected
     assert service.full_name == "inference.GRPCInferenceService"
-    assert not any(m.client_streaming or m.server_streaming for m in service.methods)
+    streams = {m.name: (m.client_streaming, m.server_streaming) for m in service.methods}
+    assert streams.pop("ModelStreamInfer") == (True, True)  # bidirectional, as Triton's grpc_service.proto
+    assert not any(client or server for client, server in streams.values())
 
 
 @pytest.mark.parametrize(
@@ -62,6 +65,8 @@ def test_service_has_exactly_the_six_v2_rpcs() -> None:
         pytest.param(pb.InferParameter, "double_param", 4, id="double-param"),
         pytest.param(pb.InferParameter, "uint64_param", 5, id="uint64-param"),
         pytest.param(pb.ModelMetadataResponse.TensorMetadata, "shape", 3, id="tensor-shape"),
+        pytest.param(pb.ModelStreamInferResponse, "error_message", 1, id="stream-error-message"),
+        pytest.param(pb.ModelStreamInferResponse, "infer_response", 2, id="stream-infer-response"),
     ],
 )
 def test_wire_numbers_match_upstream(message: type, field: str, number: int) -> None:
