@@ -347,3 +347,39 @@ class ClientCredentials:
         if self.token is not None:
             credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(self.token))
         return grpc.secure_channel(address, credentials, options=options)
+
+
+# ---- the OpenAI-compatible HTTP port (`router_service.openai_http`) ----------------------------
+
+HTTP_INFERENCE_METHOD = "/openai.v1/Generate"  # what a /v1 call is to `TokenPolicy`: inference access
+
+
+def http_denial(policy: TokenPolicy, authorization: str | None) -> str | None:
+    """Why an HTTP /v1 call with this `Authorization` header value is refused (HTTP 401), or
+    None to let it through. The same rule as an inference call on the gRPC port: a token is
+    needed once inference tokens are configured, and an admin token also serves."""
+    token = bearer_token(() if authorization is None else [("authorization", authorization)])
+    denial = policy.check(HTTP_INFERENCE_METHOD, token)
+    if denial is None:
+        return None
+    if token is None:
+        return "this server needs a bearer token: send the header 'Authorization: Bearer <token>'"
+    if not token:
+        return "the Authorization header must be 'Bearer <token>'"
+    return denial.message
+
+
+def http_ssl_context(config: SecurityConfig | None) -> ssl.SSLContext | None:
+    """The TLS context of the HTTP port from the same keys as the gRPC port's (None: plaintext):
+    the server certificate and key, and with `tls_client_ca_file` a client certificate that CA
+    signed is required (mutual TLS). ValueError naming the key and path of an unusable file."""
+    if config is None or config.tls_cert_file is None:
+        return None
+    _check_tls_files(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(config.tls_cert_file, config.tls_key_file, password=_no_passphrase)
+    if config.tls_client_ca_file is not None:
+        context.load_verify_locations(cafile=config.tls_client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context

@@ -392,14 +392,35 @@ class EchoServicer:
             from google.protobuf import message_factory
             return message_factory.GetMessageClass(descriptor.output_type)()
 
-        return behaviour
+        async def stream_behaviour(requests, context):  # a bidirectional stream: one answer per request
+            async for request in requests:
+                yield await behaviour(request, context)
+
+        return stream_behaviour if descriptor.client_streaming else behaviour
 
 
 SERVICES = [pytest.param(INFERENCE_DESCRIPTOR, id="inference"), pytest.param(ADMIN_DESCRIPTOR, id="admin")]
 
 
 def _call(handler: grpc.RpcMethodHandler, raw: bytes):
-    return asyncio.run(handler.unary_unary(raw, FakeContext()))
+    """A unary call with `raw`, or a bidirectional stream that sends `raw` once (its responses)."""
+    if not handler.request_streaming:
+        return asyncio.run(handler.unary_unary(raw, FakeContext()))
+
+    async def one_message():
+        yield raw
+
+    async def stream() -> list:
+        return [response async for response in handler.stream_stream(one_message(), FakeContext())]
+
+    return asyncio.run(stream())
+
+
+def test_the_inference_stream_is_guarded_as_a_bidirectional_stream() -> None:
+    handler = guarded_handlers(INFERENCE_DESCRIPTOR, EchoServicer())["ModelStreamInfer"]
+    assert (handler.request_streaming, handler.response_streaming) == (True, True)
+    assert handler.request_deserializer is None
+    assert _call(handler, pb.ModelInferRequest(id="x").SerializeToString()) == [pb.ModelStreamInferResponse()]
 
 
 @pytest.mark.parametrize("service", SERVICES)
