@@ -155,6 +155,8 @@ class AutoscalingConfig(_Section):
     max_step: Annotated[int, Field(ge=1, description="most workers added or removed by one decision")] = 4
     check_interval_s: Annotated[float, Field(gt=0, description="how often the autoscaler looks at the load")] = 1.0
     start_timeout_s: Annotated[float, Field(gt=0, description="give up on a new worker that has no node to run on after this long (cloud nodes take minutes)")] = 600.0
+    router_max_waiting: Annotated[int, Field(ge=0, description="add a router (data-parallel attention, within router.min_count..max_count) when more generation requests than this per router wait for room in the KV caches")] = 4
+    router_max_kv_usage: Annotated[float, Field(gt=0, le=1, description="add a router when a router's KV cache is fuller than this")] = 0.9
 
 
 class MonitoringConfig(_Section):
@@ -180,8 +182,28 @@ class RouterConfig(_Section):
     max_message_mb: Annotated[int, Field(ge=1, description="largest request or response message")] = 256
     torch_threads: Annotated[int, Field(ge=1, description="torch threads in the router (gate, combine)")] = 1
     num_cpus: Annotated[float, Field(ge=0, description="CPUs Ray reserves for the router actor (moe-serve deploy)")] = 1.0
+    count: Annotated[int, Field(ge=1, description="routers to start with (moe-serve deploy): each runs the dense side and serves the same ports (SO_REUSEPORT on a node); several over one expert pool are data-parallel attention")] = 1
+    min_count: Annotated[int | None, Field(ge=1, description="fewest routers the autoscaler keeps; default: count")] = None
+    max_count: Annotated[int | None, Field(ge=1, description="most routers the autoscaler starts; default: count")] = None
     drain_s: Annotated[float, Field(ge=0, description="on SIGTERM (moe-serve serve): how long health says NOT_SERVING while requests are still served, so load balancers stop sending before the port closes")] = 5.0
     grace_s: Annotated[float, Field(ge=0, description="after the drain window: how long requests already in flight get to finish once new ones are refused")] = 10.0
+
+
+    @model_validator(mode="after")
+    def _count_within_bounds(self) -> RouterConfig:
+        low, high = self.bounds
+        if low > high:
+            raise ValueError(f"router.min_count ({low}) exceeds router.max_count ({high})")
+        if not low <= self.count <= high:
+            raise ValueError(f"router.count ({self.count}) is outside router.min_count..router.max_count ({low}..{high})")
+        return self
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """(fewest, most) routers; each defaults to `count`."""
+        low = self.count if self.min_count is None else self.min_count
+        high = self.count if self.max_count is None else self.max_count
+        return low, high
 
 
 class GenerationConfig(_Section):
@@ -279,10 +301,10 @@ class ServeConfig(_Section):
                 f"rebalance.min_replicas ({self.rebalance.min_replicas}) exceeds workers.min_workers "
                 f"({low}): replicas of one expert sit on distinct workers"
             )
-        if self.autoscaling.enabled and low == high:
+        if self.autoscaling.enabled and low == high and self.router.bounds[0] == self.router.bounds[1]:
             raise ValueError(
-                f"autoscaling.enabled is true but workers.min_workers ({low}) equals "
-                f"workers.max_workers ({high}): set a range to scale within"
+                f"autoscaling.enabled is true but workers.min_workers ({low}) equals workers.max_workers ({high}) "
+                f"and router.min_count equals router.max_count ({self.router.bounds[0]}): set a range to scale within"
             )
         return self
 

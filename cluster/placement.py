@@ -69,27 +69,33 @@ class Placement:
 
     @classmethod
     def round_robin(
-        cls, num_logical_experts: int, num_workers: int, slots_per_worker: int | None = None
+        cls, num_logical_experts: int, num_workers: int, slots_per_worker: int | None = None, replicas: int = 1
     ) -> Placement:
-        """One replica per logical expert, dealt out to workers in turn (version 0).
+        """`replicas` replicas of every logical expert, dealt out to workers in turn (version 0):
+        replica c of expert e on worker (e + c) mod num_workers, so an expert's replicas sit on
+        distinct workers.
 
         With `slots_per_worker` larger than needed, the extra slots stay `EMPTY` (room for hot
         expert replicas later); smaller than needed is an error.
         """
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-        needed = -(-num_logical_experts // num_workers)
+        if not 1 <= replicas <= num_workers:
+            raise ValueError(f"replicas must be 1..num_workers ({num_workers}), got {replicas}")
+        rows: list[list[int]] = [[] for _ in range(num_workers)]
+        for copy in range(replicas):
+            for expert in range(num_logical_experts):
+                rows[(expert + copy) % num_workers].append(expert)
+        needed = max(len(r) for r in rows)
         if slots_per_worker is None:
             slots_per_worker = needed
         if slots_per_worker < needed:
             raise ValueError(
-                f"{num_logical_experts} logical experts do not fit in {num_workers} workers x "
-                f"{slots_per_worker} slots; need at least {needed} slots per worker"
+                f"{num_logical_experts} logical experts{'' if replicas == 1 else f' x {replicas} replicas'} do not fit "
+                f"in {num_workers} workers x {slots_per_worker} slots; need at least {needed} slots per worker"
             )
-        rows = [[EMPTY] * slots_per_worker for _ in range(num_workers)]
-        for expert in range(num_logical_experts):
-            rows[expert % num_workers][expert // num_workers] = expert
-        return cls(0, num_logical_experts, tuple(tuple(r) for r in rows))
+        padded = (tuple(r + [EMPTY] * (slots_per_worker - len(r))) for r in rows)
+        return cls(0, num_logical_experts, tuple(padded))
 
     @classmethod
     def replicated(cls, num_logical_experts: int, num_workers: int, copies: int = 2, version: int = 0) -> Placement:

@@ -30,6 +30,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--model-name", help="name clients use (model.name)")
     p.add_argument("--host", help="bind address (router.host), default 127.0.0.1")
     p.add_argument("--port", type=int, help="gRPC port (router.port), 0 picks a free one")
+    p.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP port (router.http_port, default 8000), "
+                                                 "0 picks a free one")
     p.add_argument("--workers", type=int, help="expert shard workers (workers.count)")
     p.add_argument("--address", help="Ray cluster to join ('auto' or host:port); default: embedded Ray")
     p.add_argument("--drain-s", type=float, help="on SIGTERM, how long health says NOT_SERVING while requests are "
@@ -66,7 +68,8 @@ def cmd_serve(args, console: Console) -> int:
 
     config = load_config(args.config).with_overrides(**{
         "model.checkpoint": args.checkpoint, "model.name": args.model_name, "router.host": args.host,
-        "router.port": args.port, "workers.count": args.workers, "ray.address": args.address,
+        "router.port": args.port, "router.http_port": args.http_port, "workers.count": args.workers,
+        "ray.address": args.address,
         "router.drain_s": args.drain_s, "router.grace_s": args.grace_s,
     })
     connect_ray(config.ray)
@@ -86,6 +89,7 @@ async def _serve(config: ServeConfig, console: Console) -> None:
         f"{config.workers.count} workers, placement v{deployment.placement.version}. "
         f"SIGTERM or Ctrl-C drains and stops.", highlight=False,
     )
+    console.print(deployment.describe_text(), highlight=False)
     stop, again = asyncio.Event(), asyncio.Event()  # a second signal cuts the drain window short
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

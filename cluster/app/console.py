@@ -160,7 +160,7 @@ def service_summary(status: dict) -> Table:
     decision = status["autoscaler"]["decision"]
     low, high = status["bounds"]
     rows = {
-        "router": str(status.get("address")),
+        "router": str(status.get("address")) + (f" (HTTP {status['http_address']})" if status.get("http_address") else ""),
         "placement version": f"v{status['placement_version']}",
         "workers (serving / pending)": f"{len(status['workers'])} / {status['pending_workers']}  (bounds {low}..{high})",
         "worker resources": ", ".join(f"{k}={v:g}" for k, v in status["worker_bundle"].items()),
@@ -169,6 +169,14 @@ def service_summary(status: dict) -> Table:
         "balancedness (min layer)": f"{min(status['balancedness']):.3f}",
         "autoscaler": status["autoscaler"]["mode"],
     }
+    generation = status.get("generation")
+    if generation:
+        routers = generation["routers"]
+        rows["generation"] = (f"{generation['output_tokens_per_s']:,.1f} tokens/s; TTFT p90 {generation['ttft_p90_ms']:.0f} ms, "
+                              f"TPOT p90 {generation['tpot_p90_ms']:.1f} ms")
+        rows["sequences (running / waiting)"] = (f"{sum(r['running'] for r in routers.values())} / "
+                                                 f"{sum(r['waiting'] for r in routers.values())} over {len(routers)} routers")
+        rows["KV cache in use"] = ", ".join(f"{name}: {r['kv_used_fraction']:.0%}" for name, r in routers.items())
     if status.get("down_workers"):
         rows["workers down"] = f"[red]{', '.join(map(str, status['down_workers']))}[/] (routed around; reloaded once back)"
     if decision is not None:
@@ -183,4 +191,23 @@ def decisions_table(decisions: list[dict], title: str = "autoscaler: recent chan
         table.add_column(col, justify="left" if col == "reason" else "right")
     for d in decisions:
         table.add_row(f"{d['age_s']:.1f}", d["action"], str(d["target_workers"]), escape(d["reason"]))
+    return table
+
+
+def routers_table(status: dict) -> Table:
+    """The routers of a deployment (data-parallel attention): address, HTTP, generation load."""
+    generation = (status.get("generation") or {}).get("routers", {})
+    scaling = status.get("router_scaling") or {}
+    title = f"routers ({scaling.get('mode', 'off')}, bounds {scaling.get('bounds', ['?', '?'])})"
+    decision = scaling.get("decision")
+    if decision:
+        title += f": {escape(decision['action'])} -> {decision['target_routers']} ({escape(decision['reason'])})"
+    table = Table(title=title)
+    for col in ("router", "gRPC", "HTTP", "running", "waiting", "KV cache"):
+        table.add_column(col, justify="left" if col in ("router", "gRPC", "HTTP") else "right")
+    for r in status.get("router_fleet", []):
+        g = generation.get(r["name"], {})
+        table.add_row(r["name"], str(r["address"] or "restarting"), str(r["http_address"] or "-"),
+                      str(g.get("running", "-")), str(g.get("waiting", "-")),
+                      f"{g['kv_used_fraction']:.0%}" if "kv_used_fraction" in g else "-")
     return table

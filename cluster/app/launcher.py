@@ -20,13 +20,13 @@ from cluster.config import RayConfig, ServeConfig
 from cluster.control.admin import ModelAdmin
 from cluster.control.control_plane import ControlPlane, LoadProgress, start_control_plane, weights_for
 from cluster.control.controller import Controller
-from cluster.control.metrics import RouterMetrics
+from cluster.control.metrics import GenerationMetrics, RouterMetrics
 from cluster.model_spec import GateWeights, ModelSpec
 from cluster.placement import Placement
 from cluster.planning.load_stats import RouterReport
 from router_service.admin_servicer import AdminOperations
 from router_service.generation.dense_model import DenseWeightsError
-from router_service.generation.engine import EngineSettings, GenerationMetrics
+from router_service.generation.engine import EngineSettings
 from router_service.generation.text import TOKENIZER_FILES, build_text_model, has_tokenizer
 from router_service.moe_layer import DistributedMoELayer
 from router_service.placement_store import PlacementStore
@@ -40,7 +40,8 @@ from workers.worker import ExpertWorker
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Deployment", "RouterSide", "build_router", "connect_ray", "deploy", "weights_for"]
+__all__ = ["Deployment", "RouterSide", "attach_text_model", "build_router", "connect_ray", "deploy", "describe_text",
+           "http_address", "weights_for"]
 
 
 def connect_ray(config: RayConfig, **init_options) -> None:
@@ -91,16 +92,19 @@ class RouterSide:
         router = config.router
         metrics = RouterMetrics([self.router.name]) if config.monitoring.enabled else None
         models = {self.router.name: self.router}
+        shared = router.bounds[1] > 1  # several routers of the model may share the ports on a node
         self.server = await start_server(
             models, router.host, router.port, router.max_message_mb * 1024 * 1024,
             admins={self.router.name: admin}, serving=True, metrics=metrics, security=config.security,
+            reuse_port=shared,
         )
         if self.router.text is not None and router.http_port is not None:
             from router_service.openai_http import start_http_server
 
             try:
                 self.server.http = await start_http_server(models, router.host, router.http_port,
-                                                           security=config.security, metrics=metrics)
+                                                           security=config.security, metrics=metrics,
+                                                           reuse_port=shared)
             except BaseException:
                 await self.server.stop(0)
                 raise
@@ -108,8 +112,7 @@ class RouterSide:
         return self.server
 
 
-def attach_text_model(config: ServeConfig, weights: WeightSource, router: ModelRouter,
-                      metrics: GenerationMetrics | None = None) -> str | None:
+def attach_text_model(config: ServeConfig, weights: WeightSource, router: ModelRouter) -> str | None:
     """Give `router` the checkpoint's text model (the dense part of the model, on this process's
     device, and its tokenizer) when the checkpoint has them and `generation.enabled`; returns
     why it serves MoE layers only, or None when it generates."""
@@ -123,12 +126,31 @@ def attach_text_model(config: ServeConfig, weights: WeightSource, router: ModelR
     gen = config.generation
     settings = EngineSettings(int(gen.kv_cache_mb * 2**20), gen.block_size, gen.max_num_seqs, gen.max_batch_tokens,
                               gen.prefill_chunk_tokens, gen.max_waiting, gen.max_model_len)
+    metrics = GenerationMetrics(config.model.name, router.router_id) if config.monitoring.enabled else None
     try:
         router.text = build_text_model(config.model.name, checkpoint, weights.dense_tensors(), weights.spec.moe_layers,
                                        router.moe, settings, gen.device, gen.default_max_tokens, metrics)
     except DenseWeightsError as err:
         return f"{checkpoint} holds no usable dense weights ({err})"
     return None
+
+
+def http_address(config: ServeConfig, side: RouterSide) -> str | None:
+    """host:port of a router's OpenAI-compatible HTTP API, when it serves one."""
+    http = side.server.http if side.server is not None else None
+    return None if http is None else f"{config.router.host}:{http.port}"
+
+
+def describe_text(config: ServeConfig, side: RouterSide) -> str:
+    """One line for people: where a router serves text, or why it serves MoE layers only."""
+    text = side.router.text
+    if text is None:
+        return f"serving MoE layers only (the layer API): {side.text_note}"
+    address = http_address(config, side)
+    http = "no HTTP (router.http_port is null)" if address is None else f"OpenAI-compatible HTTP on http://{address}/v1"
+    stats = text.engine.stats()
+    return (f"generating text: {http}, KServe text_input on the gRPC port; context {text.max_model_len} tokens, "
+            f"KV cache {stats['kv_blocks']} blocks of {stats['block_size']} tokens")
 
 
 def build_router(config: ServeConfig, spec: ModelSpec, gates: dict[int, GateWeights], placement: Placement,
@@ -184,6 +206,14 @@ class Deployment:
     def address(self) -> str:
         return f"{self.config.router.host}:{self.server.port}"
 
+    @property
+    def http_address(self) -> str | None:
+        """host:port of the OpenAI-compatible HTTP API, when the model generates text."""
+        return http_address(self.config, self.side)
+
+    def describe_text(self) -> str:
+        return describe_text(self.config, self.side)
+
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop deciding and taking requests, let in-flight ones finish, release the workers."""
         await self.plane.stop_loops()
@@ -195,6 +225,9 @@ async def deploy(config: ServeConfig, progress: LoadProgress | None = None,
                  worker_cls: type[ExpertWorker] = ExpertWorker) -> Deployment:
     """Start serving `config`'s model in this process. Needs Ray connected (`connect_ray`).
     `worker_cls`: a subclass of `ExpertWorker` only to inject faults in tests."""
+    if config.router.bounds[1] > 1:
+        raise ValueError(f"router.max_count ({config.router.bounds[1]}) > 1: several routers run as Ray actors; "
+                         f"serve with `moe-serve deploy` (this process runs one router)")
     plane = await start_control_plane(config, progress, worker_cls)
     try:
         spec = plane.weights.spec

@@ -2,12 +2,10 @@
 
 - `ServiceController` (`<model>-controller`, detached): owns the control plane, so the workers
   (`<model>-worker-NN`) are its children and live as long as it does, whatever happens to the
-  command line or the router. It creates the router actor and restarts its serving when the
-  router actor comes back after a crash.
-- `RouterActor` (`<model>-router`, owned by the controller, restarted by Ray): the gRPC server.
-  On start it opens the gate weights, asks the controller for the placement and the worker
-  handles, and attaches under its own name, so a restarted router replaces its old link and
-  creates nothing twice. Admin calls go through to the controller.
+  command line or the routers. It owns the routers too (`router.count` of them, between
+  `router.min_count` and `router.max_count`: data-parallel attention, scaled by `RouterScaler`
+  or by hand), and starts a router serving again when Ray restarts its actor after a crash.
+- `RouterActor` (`cluster.app.router_actor`): one router, restarted by Ray.
 
 This module is the composition root for the actor layout, as `cluster.app.launcher` is for one
 process; both build the same `ControlPlane` and `RouterSide`.
@@ -18,76 +16,61 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from cluster.app.launcher import RouterSide, attach_text_model, build_router
+from cluster.app.router_actor import ActorRouterLink, RouterActor, router_name
 from cluster.config import ServeConfig, validate_config
-from cluster.control.control_plane import ControlPlane, start_control_plane, weights_for
+from cluster.control.control_plane import ControlPlane, start_control_plane
+from cluster.control.router_scaler import RouterScaler
 from cluster.placement import Placement
 
 log = logging.getLogger(__name__)
 
-ROUTER_WATCH_S = 1.0  # how often the controller checks that its router serves
+ROUTER_WATCH_S = 1.0  # how often the controller checks that its routers serve
+
+__all__ = ["ServiceController", "controller_name", "create_controller", "find_controller", "router_name"]
 
 
 def controller_name(model: str) -> str:
     return f"{model}-controller"
 
 
-def router_name(model: str) -> str:
-    return f"{model}-router"
-
-
-class ActorRouterLink:
-    """The control plane's link to a router actor."""
-
-    def __init__(self, name: str, handle: ray.actor.ActorHandle):
-        self.name = name
-        self._handle = handle
-
-    async def publish(self, placement: Placement) -> None:
-        await self._handle.publish.remote(placement)
-
-    async def drained(self, version: int, timeout_s: float) -> None:
-        await self._handle.drained.remote(version, timeout_s)
-
-    async def set_workers(self, handles: Sequence[Any]) -> None:
-        await self._handle.set_workers.remote(list(handles))
-
-    async def take_report(self):
-        return await self._handle.take_report.remote()
-
-
 class ServiceController:
-    """The detached owner of one model's control plane (workers, placement, load, loops)."""
+    """The detached owner of one model's control plane (workers, placement, load, loops) and of
+    its routers (a `RouterFleet` for `RouterScaler`)."""
 
     def __init__(self, config: dict):
         self.config: ServeConfig = validate_config(config, source="deployment")
         self.plane: ControlPlane | None = None
+        self.routers: RouterScaler | None = None
         self._progress = (0, 0)
-        self._router: ray.actor.ActorHandle | None = None
+        self._routers: dict[str, ray.actor.ActorHandle] = {}  # name -> actor, oldest first
         self._address: str | None = None
         self._watch: asyncio.Task | None = None
         self._started_s = time.time()
 
     def __repr__(self) -> str:
-        return f"ServiceController(model={self.config.model.name!r}, router={self._address})"
+        return f"ServiceController(model={self.config.model.name!r}, routers={list(self._routers)}, address={self._address})"
 
     async def start(self) -> str:
-        """Start the workers, load them, start the router; returns the router's address."""
+        """Start the workers, load them, start `router.count` routers; returns the address."""
         if self.plane is None:
             self.plane = await start_control_plane(self.config, self._on_progress)
-            self._router = self._router_actor()
-        self._address = await self._router.start.remote()
+            self.routers = RouterScaler(self, self._generation, self.config.autoscaling, self.config.router.bounds,
+                                        refresh=self.plane.feed.refresh)
+            metrics = self.plane.observer.metrics
+            if metrics is not None:
+                self.routers.listeners.append(lambda e: metrics.scale(f"routers_{e.action}", e.trigger, e.duration_s))
+        while len(self._routers) < self.config.router.count:
+            await self.add_router()
         self.plane.start_loops()
+        self.routers.start()
         if self._watch is None:
-            self._watch = asyncio.get_running_loop().create_task(self._watch_router(), name="router-watch")
+            self._watch = asyncio.get_running_loop().create_task(self._watch_routers(), name="router-watch")
         return self._address
 
     def _on_progress(self, done: int, total: int) -> None:
@@ -97,31 +80,72 @@ class ServiceController:
         """(experts loaded, experts to load) while `start` runs."""
         return self._progress
 
-    def _router_actor(self) -> ray.actor.ActorHandle:
-        here = ray.get_runtime_context().get_node_id()
-        return ray.remote(RouterActor).options(
-            name=router_name(self.config.model.name),
-            namespace=self.config.ray.namespace,
-            num_cpus=self.config.router.num_cpus,
-            max_restarts=-1,
-            max_concurrency=1000,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
-        ).remote(self.config.model_dump(), controller_name(self.config.model.name))
+    def _generation(self) -> dict:
+        return self.plane.feed.board.generation(time.monotonic())
 
-    async def _watch_router(self) -> None:
+    async def describe_text(self) -> str:
+        """Where the first router serves text, or why it serves MoE layers only."""
+        return await next(iter(self._routers.values())).describe_text.remote()
+
+    # ---- the router fleet -----------------------------------------------------------------------
+
+    @property
+    def router_count(self) -> int:
+        return len(self._routers)
+
+    async def add_router(self) -> str:
+        """Start one more router, on its own node where there is one (Ray's SPREAD); resolves to
+        its name once it serves and is attached."""
+        index = next(i for i in range(len(self._routers) + 1) if router_name(self.config.model.name, i) not in self._routers)
+        name = router_name(self.config.model.name, index)
+        strategy = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True) \
+            if index == 0 else "SPREAD"
+        handle = ray.remote(RouterActor).options(
+            name=name, namespace=self.config.ray.namespace, num_cpus=self.config.router.num_cpus,
+            max_restarts=-1, max_concurrency=1000, scheduling_strategy=strategy,
+        ).remote(self.config.model_dump(), controller_name(self.config.model.name), name)
+        self._routers[name] = handle
+        try:
+            address = await handle.start.remote()
+        except BaseException:
+            self._routers.pop(name, None)
+            ray.kill(handle, no_restart=True)
+            raise
+        self._address = self._address or address
+        return name
+
+    async def remove_router(self) -> str:
+        """Drain and stop the newest router (never the first: it is the one the address names)."""
+        if len(self._routers) <= 1:
+            raise ValueError("the last router is not removed; `moe-serve shutdown` stops the service")
+        name, handle = list(self._routers.items())[-1]
+        try:
+            await handle.stop.remote(self.config.router.grace_s, 0.0)
+        except ray.exceptions.RayActorError:
+            pass
+        self.plane.hub.detach(name)
+        self.plane.feed.board.forget(name)
+        del self._routers[name]
+        ray.kill(handle, no_restart=True)
+        return name
+
+    async def _watch_routers(self) -> None:
         """A router actor that Ray restarted comes back empty: start it serving again."""
         while True:
             await asyncio.sleep(ROUTER_WATCH_S)
-            try:
-                if await self._router.address.remote() is None:
-                    log.warning("router actor restarted; starting it again")
-                    self._address = await self._router.start.remote()
-            except ray.exceptions.RayActorError:
-                pass  # restarting: the next look retries
-            except Exception:
-                log.exception("router watch failed")
+            for name, handle in list(self._routers.items()):
+                try:
+                    if await handle.address.remote() is None:
+                        log.warning("router %s restarted; starting it again", name)
+                        address = await handle.start.remote()
+                        if name == router_name(self.config.model.name):
+                            self._address = address
+                except ray.exceptions.RayActorError:
+                    pass  # restarting: the next look retries
+                except Exception:
+                    log.exception("router watch failed for %s", name)
 
-    # ---- what the router asks ---------------------------------------------------------------
+    # ---- what the routers ask -------------------------------------------------------------------
 
     def router_bootstrap(self) -> tuple[Placement, list]:
         return self.plane.placement, self.plane.hub.workers
@@ -150,15 +174,39 @@ class ServiceController:
 
     async def status(self, history: bool = False) -> dict:
         status = await self.plane.status(history)
-        status.update(address=self._address, namespace=self.config.ray.namespace,
-                      up_s=time.time() - self._started_s)
+        routers = []
+        for name, handle in self._routers.items():
+            try:
+                grpc_address, http = await handle.address.remote(), await handle.http_address.remote()
+            except ray.exceptions.RayActorError:
+                grpc_address = http = None  # restarting
+            routers.append({"name": name, "address": grpc_address, "http_address": http})
+        now, scaler = time.monotonic(), self.routers
+        status.update(address=self._address, http_address=routers[0]["http_address"] if routers else None,
+                      router_fleet=routers, namespace=self.config.ray.namespace, up_s=time.time() - self._started_s,
+                      router_scaling={
+                          "mode": scaler.mode, "bounds": list(scaler.bounds),
+                          "decision": None if scaler.last is None else dataclasses.asdict(scaler.last[1]),
+                          "events": [{"age_s": now - e.at_s, **{k: v for k, v in dataclasses.asdict(e).items()
+                                                                if k != "at_s"}} for e in scaler.events]})
         return status
 
-    async def scale(self, workers: int | None) -> dict:
-        """Pin the worker count (`workers`), or hand it back to the autoscaler (None)."""
+    async def scale(self, workers: int | None, routers: int | None = None) -> dict:
+        """Pin the worker count (`workers`) or the router count (`routers`), or hand both back to
+        the autoscaler (neither)."""
+        if routers is not None:
+            try:
+                events = await self.routers.scale(routers)
+            except ValueError as err:
+                return {"error": str(err)}
+            failed = [e for e in events if e.action == "failed"]
+            return {"mode": self.routers.mode, "routers": self.router_count, "action": "failed" if failed else "routers",
+                    "reason": failed[0].reason if failed else f"{len(events)} routers added or removed"}
         if workers is None:
             self.plane.autoscaler.resume()
-            return {"mode": self.plane.autoscaler.mode, "workers": len(self.plane.pool.handles)}
+            self.routers.resume()
+            return {"mode": self.plane.autoscaler.mode, "workers": len(self.plane.pool.handles),
+                    "routers": self.router_count}
         try:
             event = await self.plane.autoscaler.scale(workers)
         except ValueError as err:
@@ -167,118 +215,25 @@ class ServiceController:
                                                        if k != "migration"}}
 
     async def shutdown(self, grace_s: float = 5.0, drain_s: float = 0.0) -> None:
-        """Stop the router (after a `drain_s` window of NOT_SERVING; in-flight requests get
+        """Stop the routers (after a `drain_s` window of NOT_SERVING; in-flight requests get
         `grace_s`), the loops and the workers."""
         if self._watch is not None:
             self._watch.cancel()
-        if self._router is not None:
+        if self.routers is not None:
+            await self.routers.stop()
+        handles = list(self._routers.values())
+
+        async def stop(handle) -> None:
             try:
-                await self._router.stop.remote(grace_s, drain_s)
+                await handle.stop.remote(grace_s, drain_s)
             except ray.exceptions.RayActorError:
                 pass
-            ray.kill(self._router, no_restart=True)
+            ray.kill(handle, no_restart=True)
+
+        await asyncio.gather(*(stop(h) for h in handles))
+        self._routers.clear()
         if self.plane is not None:
             await self.plane.stop()
-
-
-class RouterActor:
-    """The gRPC router as a Ray actor; see the module docstring."""
-
-    def __init__(self, config: dict, controller: str):
-        self.config: ServeConfig = validate_config(config, source="deployment")
-        self._controller_name = controller
-        self.side: RouterSide | None = None
-        self._starting = asyncio.Lock()
-
-    def __repr__(self) -> str:
-        return f"RouterActor(model={self.config.model.name!r}, address={self.address()})"
-
-    def address(self) -> str | None:
-        """host:port once serving, else None."""
-        if self.side is None or self.side.server is None:
-            return None
-        return f"{self.config.router.host}:{self.side.server.port}"
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    async def start(self) -> str:
-        async with self._starting:
-            if self.side is None:
-                await self._start()
-        return self.address()
-
-    async def _start(self) -> None:
-        name = router_name(self.config.model.name)
-        controller = ray.get_actor(self._controller_name, namespace=self.config.ray.namespace)
-        weights = weights_for(self.config)
-        spec = weights.spec
-        gates = {layer: weights.gate(layer) for layer in spec.moe_layers}
-        placement, handles = await controller.router_bootstrap.remote()
-        side = build_router(self.config, spec, gates, placement, handles, router_id=name)
-        side.text_note = attach_text_model(self.config, weights, side.router)
-        self.side = side
-        await controller.attach_router.remote(name)
-        await side.open(self.config, RemoteAdmin(self.config.model.name, spec, controller, side.store))
-
-    async def publish(self, placement: Placement) -> None:
-        await self.side.publish(placement)
-
-    async def drained(self, version: int, timeout_s: float) -> None:
-        await self.side.drained(version, timeout_s)
-
-    async def set_workers(self, handles: list) -> None:
-        await self.side.set_workers(handles)
-
-    async def take_report(self):
-        return await self.side.take_report()
-
-    async def stop(self, grace_s: float = 5.0, drain_s: float = 0.0) -> None:
-        """Leave service: `drain_s` of NOT_SERVING while still serving, then in-flight requests
-        get `grace_s`."""
-        if self.side is not None and self.side.server is not None:
-            await self.side.server.drain(drain_s, grace_s)
-
-
-class RemoteAdmin:
-    """`AdminOperations` for a router actor: each operation runs in the controller. Event times
-    come back on the router's clock (the two may run on different machines)."""
-
-    def __init__(self, name: str, spec, controller: ray.actor.ActorHandle, store):
-        self.name = name
-        self.spec = spec
-        self._controller = controller
-        self.store = store  # the router's PlacementStore
-
-    @property
-    def placement(self) -> Placement:
-        return self.store.current
-
-    async def _call(self, operation: str, *args):
-        status, result, then_s = await self._controller.admin_call.remote(operation, *args)
-        if status != "ok":
-            raise ValueError(result)
-        return result, time.monotonic() - then_s
-
-    async def load_report(self):
-        report, shift = await self._call("load_report")
-        return dataclasses.replace(report, events=[_shifted(e, shift) for e in report.events])
-
-    async def plan(self, load=None):
-        report, _ = await self._call("plan", load)
-        return report
-
-    async def apply(self, placement: Placement):
-        event, shift = await self._call("apply", placement)
-        return _shifted(event, shift)
-
-    async def rebalance(self, force: bool = False):
-        event, shift = await self._call("rebalance", force)
-        return _shifted(event, shift)
-
-
-def _shifted(event, shift_s: float):
-    return dataclasses.replace(event, at_s=event.at_s + shift_s)
 
 
 # ---- for the command line ---------------------------------------------------------------------

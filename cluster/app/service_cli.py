@@ -18,6 +18,7 @@ from cluster.app.console import (
     events_table,
     load_progress,
     placement_table,
+    routers_table,
     scale_events_table,
     service_summary,
     worker_events_table,
@@ -36,6 +37,7 @@ def add_service_parsers(sub) -> None:
     p.add_argument("config", help="deployment YAML (model, workers, autoscaling, router)")
     p.add_argument("--model-name", help="name clients use (model.name)")
     p.add_argument("--port", type=int, help="gRPC port of the router (router.port)")
+    p.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP port of the router (router.http_port)")
     p.add_argument("--host", help="bind address of the router (router.host)")
     p.add_argument("--timeout-s", type=float, default=1800.0, help="give up when the service is not serving by then")
     named = argparse.ArgumentParser(add_help=False)
@@ -49,7 +51,9 @@ def add_service_parsers(sub) -> None:
     p = sub.add_parser("scale", parents=[named], help="set the worker count by hand, or hand it back to the autoscaler")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("workers", nargs="?", type=int, help="workers to run (within min/max workers)")
-    group.add_argument("--auto", action="store_true", help="let the autoscaler decide again")
+    group.add_argument("--routers", type=int, help="routers to run (within router.min_count/max_count): "
+                                                  "data-parallel attention over the expert pool")
+    group.add_argument("--auto", action="store_true", help="let the autoscaler decide again (workers and routers)")
     p = sub.add_parser("shutdown", parents=[named], help="stop the router and the workers, remove the service")
     p.add_argument("--drain-s", type=float, default=0.0, help="first say NOT_SERVING and keep serving this long, "
                    "so load balancers stop sending (default 0: stop at once)")
@@ -68,7 +72,8 @@ def cmd_deploy(args, console: Console) -> int:
     from cluster.app.service import create_controller
 
     config = load_config(args.config).with_overrides(**{
-        "model.name": args.model_name, "router.port": args.port, "router.host": args.host,
+        "model.name": args.model_name, "router.port": args.port, "router.http_port": args.http_port,
+        "router.host": args.host,
         "ray.namespace": args.namespace,
     })
     address = args.address or config.ray.address
@@ -100,6 +105,7 @@ def cmd_deploy(args, console: Console) -> int:
         f"`moe-serve status --model {config.model.name}` shows it, `moe-serve shutdown --model "
         f"{config.model.name}` stops it.", highlight=False,
     )
+    console.print(ray.get(controller.describe_text.remote()), highlight=False)
     return 0
 
 
@@ -147,7 +153,7 @@ def status_view(status: dict):
     """The status as one renderable: headline, workers, placement, decisions and events."""
     from rich.console import Group
 
-    parts = [service_summary(status), worker_load_table(status["workers"]),
+    parts = [service_summary(status), routers_table(status), worker_load_table(status["workers"]),
              placement_table(status["model"], status["placement"], status["layers"], status["num_experts"],
                              status.get("num_shared_experts", 0))]
     if status["autoscaler"]["recent_decisions"]:
@@ -164,11 +170,14 @@ def status_view(status: dict):
 def cmd_scale(args, console: Console) -> int:
     import ray
 
-    result = ray.get(_controller(args).scale.remote(None if args.auto else args.workers))
+    result = ray.get(_controller(args).scale.remote(None if args.auto else args.workers, args.routers))
     if "error" in result:
         raise ValueError(result["error"])
     if args.auto:
-        console.print(f"autoscaler: {result['mode']} ({result['workers']} workers now)")
+        console.print(f"autoscaler: {result['mode']} ({result['workers']} workers, {result['routers']} routers now)")
+    elif args.routers is not None:
+        console.print(f"{result['routers']} routers serving ({result['reason']}); the router count stays until "
+                      f"`moe-serve scale --auto`", highlight=False)
     else:
         console.print(
             f"{result['action']}: {result['from_workers']} -> {result['to_workers']} workers in "

@@ -70,6 +70,19 @@ class LoadFeed:
     def queue_delay_ms(self) -> float:
         return self.board.queue_delay_ms(self._clock())
 
+    def generation(self) -> dict | None:
+        """The routers' text generation (JSON-ready), or None when none generates."""
+        now = self._clock()
+        routers = self.board.generation(now)
+        if not routers:
+            return None
+        ttft_ms, tpot_ms = self.board.generation_latency_ms(now)
+        return {
+            "routers": {name: {"running": g.running, "waiting": g.waiting, "kv_used_fraction": g.kv_used_fraction,
+                               "max_num_seqs": g.max_num_seqs} for name, g in sorted(routers.items())},
+            "output_tokens_per_s": self.board.output_tokens_per_s(now), "ttft_p90_ms": ttft_ms, "tpot_p90_ms": tpot_ms,
+        }
+
     def outstanding(self):
         return self.board.outstanding_tokens(self._hub.current.num_workers)
 
@@ -147,6 +160,7 @@ class ControlPlane:
             "tokens_per_s": float(report.snapshot.tokens_per_s.sum()),
             "expert_tokens_per_s": report.snapshot.tokens_per_s.tolist(),
             "queue_delay_ms": self.feed.queue_delay_ms(),
+            "generation": self.feed.generation(),
             "balancedness": report.balancedness.tolist(),
             "autoscaler": {
                 "mode": self.autoscaler.mode,
@@ -194,7 +208,7 @@ async def start_control_plane(config: ServeConfig, progress: LoadProgress | None
     spec = weights.spec
     slots = slots_per_worker(spec.num_logical_experts, config.workers.bounds[0], config.workers.slots_per_worker,
                              config.rebalance.min_replicas)
-    placement = Placement.round_robin(spec.num_logical_experts, config.workers.count, slots)
+    placement = Placement.round_robin(spec.num_logical_experts, config.workers.count, slots, config.rebalance.min_replicas)
     pool = ExpertPool(config.model.name, weights, config.workers, config.ray.namespace, worker_cls)
     try:
         pool.request_capacity(config.workers.count)

@@ -81,6 +81,19 @@ def panels() -> list[dict]:
                                   (_quantile(0.9, "scale_duration_s", "action"), "p90 s {{action}}")]),
         _panel("worker faults", [(f"sum by (kind) (increase({series('worker_events')}{SELECT}[15m]))", "{{kind}}")],
                description="workers lost (and routed around), reloaded after Ray restarted them, placement repairs"),
+        _panel("time to first token", [(_quantile(q, "time_to_first_token_s"), f"p{int(q * 100)}") for q in (0.5, 0.9, 0.99)],
+               "s", description="text generation: from a request's arrival to its first token"),
+        _panel("time per output token", [(_quantile(q, "time_per_output_token_s"), f"p{int(q * 100)}")
+                                         for q in (0.5, 0.9, 0.99)], "s"),
+        _panel("generation end-to-end latency", [(_quantile(q, "e2e_request_latency_s"), f"p{int(q * 100)}")
+                                                 for q in (0.5, 0.9, 0.99)], "s"),
+        _panel("generation tokens/s", [(_rate("generation_tokens", "model"), "generated {{model}}"),
+                                       (_rate("prompt_tokens", "model"), "prompt {{model}}")]),
+        _panel("generation requests/s by finish reason", [(_rate("generation_requests", "reason"), "{{reason}}")], "reqps"),
+        _panel("sequences running and waiting", [(_gauge("requests_running", "router"), "running {{router}}"),
+                                                 (_gauge("requests_waiting", "router"), "waiting {{router}}")],
+               description="per router (several routers over one expert pool are data-parallel attention)"),
+        _panel("KV cache usage", [(_gauge("kv_cache_usage", "router"), "{{router}}")], "percentunit"),
     ]
     for i, panel in enumerate(rows):
         panel["id"] = i + 1

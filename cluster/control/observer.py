@@ -40,6 +40,7 @@ class Observer:
         self._worker_stats = worker_stats
         self._pending = pending
         self._metrics = metrics
+        self.metrics = metrics  # the control plane's, for the loops the roots add (router scaling)
         self.interval_s = interval_s
         self._clock = clock
         shape = feed.snapshot(clock()).expert_tokens.shape

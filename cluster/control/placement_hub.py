@@ -87,6 +87,10 @@ class PlacementHub:
         await link.set_workers(self.workers)
         await link.publish(self._current)
 
+    def detach(self, name: str) -> None:
+        """Forget a router that leaves service (its batches are done: it has drained)."""
+        self._links.pop(name, None)
+
     async def publish(self, placement: Placement) -> None:
         """Make `placement` current here and at every router. Versions only go up."""
         self._current.check_successor(placement)

@@ -82,15 +82,23 @@ def decide(snapshot: ScaleSnapshot, state: AutoscaleState, now_s: float, config:
     if snapshot.migrating:
         return ScaleDecision("hold", counted, f"a placement change is running ({load})"), state
     wish, target, why, trigger = _wish(snapshot, config, low, high)
+    action, state, why = _sustained(wish, why, state, now_s, config)
+    return ScaleDecision(action, target if action != "hold" else counted, why, trigger), state
+
+
+def _sustained(wish: Action, why: str, state: AutoscaleState, now_s: float,
+               config: AutoscalingConfig) -> tuple[Action, AutoscaleState, str]:
+    """Act on `wish` only once it has held for `upscale_delay_s` / `downscale_delay_s` without a
+    break: (action, next state, reason)."""
     if wish == "hold":
-        return ScaleDecision("hold", counted, why), AutoscaleState()
+        return "hold", AutoscaleState(), why
     if state.wish != wish:
         state = AutoscaleState(wish, now_s)
     delay = config.upscale_delay_s if wish == "out" else config.downscale_delay_s
     waited = now_s - state.since_s
     if waited < delay:
-        return ScaleDecision("hold", counted, f"{why}; waiting {waited:.1f}s of {delay:g}s"), state
-    return ScaleDecision(wish, target, why, trigger), replace(state, wish=None)
+        return "hold", state, f"{why}; waiting {waited:.1f}s of {delay:g}s"
+    return wish, replace(state, wish=None), why
 
 
 def _wish(snapshot: ScaleSnapshot, config: AutoscalingConfig, low: int, high: int) -> tuple[Action, int, str, str]:
@@ -118,3 +126,67 @@ def _wish(snapshot: ScaleSnapshot, config: AutoscalingConfig, low: int, high: in
         target = max(wanted, counted - config.max_step, low)
         return "in", target, f"{state}: {counted - 1} workers would carry < {floor:,.0f} tok/s each", "load"
     return "hold", counted, state, "load"
+
+
+# ---- routers: the dense side (data-parallel attention) ------------------------------------------
+
+
+@dataclass(frozen=True)
+class RouterSnapshot:
+    """The routers' text generation at one moment: routers serving and starting; sequences
+    running and waiting for room (summed over the routers); the fullest router's KV cache;
+    `max_num_seqs` of one router."""
+
+    routers: int
+    running: int = 0
+    waiting: int = 0
+    kv_used_max: float = 0.0
+    max_num_seqs: int = 1
+    pending: int = 0
+
+    @property
+    def counted(self) -> int:
+        return self.routers + self.pending
+
+
+@dataclass(frozen=True)
+class RouterDecision:
+    """target_routers: the router count to reach; reason: why, in words."""
+
+    action: Action
+    target_routers: int
+    reason: str
+    trigger: str = "load"  # waiting, kv, load or bounds
+
+
+def decide_routers(snapshot: RouterSnapshot, state: AutoscaleState, now_s: float, config: AutoscalingConfig,
+                   bounds: tuple[int, int]) -> tuple[RouterDecision, AutoscaleState]:
+    """The router count the dense side calls for. Pure, with the same hysteresis as `decide`.
+
+    - **out** (one more router) when more than `router_max_waiting` requests per router wait
+      for room in the KV caches, or a router's KV cache is fuller than `router_max_kv_usage`;
+    - **in** (one fewer) when one router fewer would still run every sequence below
+      `downscale_utilization` of its `max_num_seqs`, nothing waits and no cache is half full;
+    - within `bounds` (`router.min_count`, `router.max_count`).
+    """
+    low, high = bounds
+    counted = snapshot.counted
+    if counted < low:
+        return RouterDecision("out", low, f"below router.min_count ({counted} < {low})", "bounds"), AutoscaleState()
+    if counted > high:
+        return RouterDecision("in", high, f"above router.max_count ({counted} > {high})", "bounds"), AutoscaleState()
+    now = (f"{snapshot.running} running, {snapshot.waiting} waiting on {counted} routers, "
+           f"KV cache up to {snapshot.kv_used_max:.0%}")
+    wish, trigger, why = "hold", "load", now
+    if snapshot.pending:
+        why = f"{now}: waiting for {snapshot.pending} routers to start"
+    elif snapshot.waiting > config.router_max_waiting * counted or snapshot.kv_used_max > config.router_max_kv_usage:
+        trigger = "waiting" if snapshot.waiting > config.router_max_waiting * counted else "kv"
+        wish, why = ("out", f"{now}: the dense side is the bottleneck") if counted < high else \
+            ("hold", f"{now}: at router.max_count ({high})")
+    elif counted > max(low, 1) and snapshot.waiting == 0 and snapshot.kv_used_max < 0.5 \
+            and snapshot.running < config.downscale_utilization * snapshot.max_num_seqs * (counted - 1):
+        wish, why = "in", f"{now}: {counted - 1} routers would run them below {config.downscale_utilization:.0%} of max_num_seqs"
+    action, state, why = _sustained(wish, why, state, now_s, config)
+    target = counted + (1 if action == "out" else -1 if action == "in" else 0)
+    return RouterDecision(action, target, why, trigger), state

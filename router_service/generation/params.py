@@ -47,7 +47,7 @@ class SamplingParams:
         if self.seed is not None:
             _integer("seed", self.seed, low=-(2**63), high=2**63 - 1)
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
-            raise InvalidRequest(f"stop must be a string or a list of non-empty strings, got {list(self.stop)!r}")
+            raise InvalidRequest(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidRequest(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
         if self.logprobs is not None:

@@ -3,7 +3,7 @@
 import pytest
 
 from cluster.config import AutoscalingConfig
-from cluster.planning.autoscaler import AutoscaleState, ScaleSnapshot, decide
+from cluster.planning.autoscaler import AutoscaleState, RouterSnapshot, ScaleSnapshot, decide, decide_routers
 
 # target 1000 tok/s per worker; scale in only below 0.5 x 1000 = 500 per remaining worker
 CFG = AutoscalingConfig(
@@ -120,3 +120,48 @@ def test_zero_delays_act_on_the_first_look():
                             downscale_delay_s=0)
     decision, _ = decide(snap(2500, 2), AutoscaleState(), 0.0, cfg, BOUNDS)
     assert (decision.action, decision.target_workers) == ("out", 3)
+
+
+# ---- routers (the dense side) -------------------------------------------------------------------
+
+
+ROUTERS = (1, 4)
+
+
+@pytest.mark.parametrize(
+    ("snapshot", "action", "target", "trigger", "reason"),
+    [
+        pytest.param(RouterSnapshot(1, running=8, waiting=9, max_num_seqs=8), "out", 2, "waiting",
+                     "9 waiting on 1 routers", id="requests-wait"),
+        pytest.param(RouterSnapshot(2, running=10, waiting=1, kv_used_max=0.95, max_num_seqs=8), "out", 3, "kv",
+                     "KV cache up to 95%", id="cache-full"),
+        pytest.param(RouterSnapshot(4, running=30, waiting=40, max_num_seqs=8), "hold", 4, "waiting",
+                     "at router.max_count (4)", id="at-max"),
+        pytest.param(RouterSnapshot(1, running=8, waiting=9, pending=1, max_num_seqs=8), "hold", 2, "load",
+                     "waiting for 1 routers to start", id="pending"),
+        pytest.param(RouterSnapshot(3, running=3, max_num_seqs=8), "in", 2, "load", "2 routers would run them",
+                     id="idle"),
+        pytest.param(RouterSnapshot(2, running=6, max_num_seqs=8), "hold", 2, "load", "on 2 routers", id="busy-enough"),
+        pytest.param(RouterSnapshot(5, max_num_seqs=8), "in", 4, "bounds", "above router.max_count", id="above-bounds"),
+    ],
+)
+def test_router_decisions(snapshot, action, target, trigger, reason):
+    config = CFG.model_copy(update={"upscale_delay_s": 0.0, "downscale_delay_s": 0.0, "router_max_waiting": 4})
+
+    decision, _ = decide_routers(snapshot, AutoscaleState(), 100.0, config, ROUTERS)
+
+    assert (decision.action, decision.target_routers, decision.trigger) == (action, target, trigger)
+    assert reason in decision.reason
+
+
+def test_router_scale_out_waits_for_its_delay_without_a_break():
+    config = CFG.model_copy(update={"upscale_delay_s": 5.0, "router_max_waiting": 0})
+    busy, quiet = RouterSnapshot(1, running=4, waiting=2, max_num_seqs=4), RouterSnapshot(1, running=4, max_num_seqs=4)
+
+    first, state = decide_routers(busy, AutoscaleState(), 10.0, config, ROUTERS)
+    broken, state = decide_routers(quiet, state, 12.0, config, ROUTERS)
+    again, state = decide_routers(busy, state, 13.0, config, ROUTERS)
+    later, state = decide_routers(busy, state, 18.0, config, ROUTERS)
+
+    assert [d.action for d in (first, broken, again, later)] == ["hold", "hold", "hold", "out"]
+    assert "waiting 0.0s of 5s" in first.reason and later.target_routers == 2

@@ -362,3 +362,15 @@ def test_expert_share_refuses_parts_that_disagree(changes, message):
         return
     with pytest.raises(ValueError, match=re.escape(message)):
         _share(**changes)
+
+
+def test_round_robin_with_replicas_puts_each_experts_copies_on_distinct_workers() -> None:
+    p = Placement.round_robin(5, 3, slots_per_worker=4, replicas=2)
+
+    assert_placement_invariants(p)
+    assert all(len(reps) == 2 and len({w for w, _ in reps}) == 2 for reps in p.replicas)
+    assert [sum(e != EMPTY for e in row) for row in p.slots] == [3, 4, 3]  # copy 1 of e starts at worker e + 1
+    with pytest.raises(ValueError, match=r"5 logical experts x 3 replicas do not fit in 3 workers x 4 slots"):
+        Placement.round_robin(5, 3, slots_per_worker=4, replicas=3)
+    with pytest.raises(ValueError, match=r"replicas must be 1..num_workers \(3\), got 4"):
+        Placement.round_robin(5, 3, replicas=4)
