@@ -61,7 +61,7 @@ class RouterActor:
         self._starting = asyncio.Lock()
 
     def __repr__(self) -> str:
-        return f"RouterActor({self.name!r}, address={self.address()})"
+        return f"RouterActor(model={self.config.model.name!r}, address={self.address()})"
 
     def address(self) -> str | None:
         """host:port once serving, else None."""
@@ -108,6 +108,15 @@ class RouterActor:
 
     async def take_report(self):
         return await self.side.take_report()
+
+    def stats(self) -> dict:
+        """What this router has served: batches through the expert pool, and its generation."""
+        if self.side is None:
+            return {"name": self.name, "serving": False}
+        text = self.side.router.text
+        return {"name": self.name, "serving": self.address() is not None, "pid": os.getpid(),
+                "batches_served": self.side.router.batches_served,
+                "generation": None if text is None else text.engine.stats()}
 
     async def stop(self, grace_s: float = 5.0, drain_s: float = 0.0) -> None:
         """Leave service: `drain_s` of NOT_SERVING while still serving, then in-flight requests
