@@ -61,6 +61,7 @@ def _demo_parser(sub) -> None:
     p.add_argument("--tokens", type=int, default=128, help="tokens per request")
     p.add_argument("--workers", type=int, default=2, help="expert shard workers")
     p.add_argument("--zipf-s", type=float, default=1.2, help="skew of the traffic (Zipf exponent; 0: uniform)")
+    p.add_argument("--no-text", action="store_true", help="skip the second part: a tiny whole model generating text")
 
 
 def cmd_serve(args, console: Console) -> int:
@@ -137,10 +138,13 @@ def cmd_demo(args, console: Console) -> int:
     from cluster.app.demo import demo_config, run_demo
     from cluster.app.launcher import connect_ray
 
+    from cluster.app.demo_text import run_text_demo
+
     config = demo_config(args.workers)
     connect_ray(config.ray, num_cpus=max(2, os.cpu_count() or 2))
     report = asyncio.run(run_demo(config, console, args.requests, args.concurrency, args.tokens, args.zipf_s))
-    return 0 if report.max_rel_error < 1e-5 and report.failed == 0 else 1
+    exact_text = True if args.no_text else asyncio.run(run_text_demo(config, console))
+    return 0 if report.max_rel_error < 1e-5 and report.failed == 0 and exact_text else 1
 
 
 HANDLERS = {"serve": cmd_serve, "infer": cmd_infer, "demo": cmd_demo}
