@@ -191,3 +191,5 @@ def test_demo_replicates_hot_experts_and_serves_every_request_exactly() -> None:
     out = done.stdout
     assert "240 / 0" in out  # requests served / failed
     assert "placement of moe (v0)" in out and "rebalance events" in out, out[-3000:]
+    # the second part: a whole tiny model generates, streamed over HTTP, as transformers does
+    assert "OpenAI-compatible HTTP on http://" in out and "4 of 4" in out, out[-3000:]
