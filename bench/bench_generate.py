@@ -40,8 +40,15 @@ import transformers
 
 from bench import generate_baselines as hf
 from bench.bench_serving import ServedModel
-from bench.generate_load import (Request, Timing, at_rate, poisson_requests, same_requests, summarise,
-                                 summarise_single)
+from bench.generate_load import (
+    Request,
+    Timing,
+    at_rate,
+    poisson_requests,
+    same_requests,
+    summarise,
+    summarise_single,
+)
 from bench.render import emit
 from cluster.app.launcher import connect_ray
 from cluster.config import RayConfig, ServeConfig, validate_config
@@ -95,7 +102,7 @@ def client_timings(address: str, model: str, requests: list[Request], sequential
     spec = {"url": f"http://{address}/v1/completions", "model": model, "requests": [asdict(r) for r in requests],
             "sequential": sequential}
     done = subprocess.run([sys.executable, "-m", "bench.generate_load"], input=json.dumps(spec), cwd=ROOT,
-                          stdout=subprocess.PIPE, text=True, timeout=CLIENT_TIMEOUT_S)
+                          stdout=subprocess.PIPE, text=True, timeout=CLIENT_TIMEOUT_S, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"the client process failed (exit {done.returncode}); its stderr is above")
     return [Timing(**t) for t in json.loads(done.stdout)["timings"]]
@@ -209,8 +216,9 @@ def bench_model(name: str, args, work: Workloads, directory: Path) -> dict:
     finally:
         progress(f"{name}: stopping the served model")
         served.stop()
+    load_end = os.getloadavg()
     result = {"model": describe_model(model, moe_layers), "single": single, "concurrent": concurrent, "mixed": mixed,
-              "load_average": {"start": [round(v, 2) for v in load_start], "end": [round(v, 2) for v in os.getloadavg()]}}
+              "load_average": {"start": [round(v, 2) for v in load_start], "end": [round(v, 2) for v in load_end]}}
     result["targets"] = targets(result, moe_layers)
     return result
 

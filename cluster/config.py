@@ -21,6 +21,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _bounds(count: int, low: int | None, high: int | None) -> tuple[int, int]:
+    """(fewest, most) of something scaled between optional bounds that default to `count`."""
+    return (count if low is None else low), (count if high is None else high)
+
+
 class RandomModelConfig(_Section):
     """A seeded random Mixtral-style model (with DeepSeek-style shared experts if `shared_ffn`),
     for demos and benchmarks."""
@@ -109,9 +114,7 @@ class WorkersConfig(_Section):
     @property
     def bounds(self) -> tuple[int, int]:
         """(fewest, most) workers; each defaults to `count`."""
-        low = self.count if self.min_workers is None else self.min_workers
-        high = self.count if self.max_workers is None else self.max_workers
-        return low, high
+        return _bounds(self.count, self.min_workers, self.max_workers)
 
 
 class RebalanceConfig(_Section):
@@ -201,9 +204,7 @@ class RouterConfig(_Section):
     @property
     def bounds(self) -> tuple[int, int]:
         """(fewest, most) routers; each defaults to `count`."""
-        low = self.count if self.min_count is None else self.min_count
-        high = self.count if self.max_count is None else self.max_count
-        return low, high
+        return _bounds(self.count, self.min_count, self.max_count)
 
 
 class GenerationConfig(_Section):

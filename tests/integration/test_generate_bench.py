@@ -28,7 +28,7 @@ def _positive_stream(figures: dict, requests: int) -> None:
 def test_a_quick_generation_bench_measures_every_workload_and_system(tmp_path: Path) -> None:
     out = tmp_path / "generate.json"
     done = subprocess.run([sys.executable, "-m", "bench.bench_generate", "--quick", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=240,
+                          capture_output=True, text=True, timeout=240, check=False,
                           env={**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"})
     assert done.returncode == 0 and out.exists(), done.stderr[-3000:]
     report = json.loads(out.read_text())
