@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 
@@ -275,3 +276,16 @@ class ExpertShare:
     def num_tokens(self) -> int:
         """Expert-token assignments in the share (a token sent to two experts counts twice)."""
         return int(self.token_idx.shape[0])
+
+
+@dataclass(frozen=True)
+class WorkerRef:
+    """How routers reach one worker now: its actor handle and the incarnation it answers as
+    (new each time Ray restarts it). What a router hears about a worker is about one
+    incarnation: a late failure of an old one says nothing about the worker in service."""
+
+    handle: Any
+    incarnation: str
+
+    def __repr__(self) -> str:
+        return f"WorkerRef(incarnation={self.incarnation[:8]})"

@@ -20,14 +20,15 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from cluster.config import RouterConfig
 from router_service.errors import Overloaded
 from router_service.moe_layer import LayerOutput
 
-# (layer, hidden [T, H] float32) -> output for the whole batch
-ForwardFn = Callable[[int, torch.Tensor], Awaitable[LayerOutput]]
+# (layer, hidden [T, H] float32, groups [T]: the request of each row) -> output for the whole batch
+ForwardFn = Callable[[int, torch.Tensor, np.ndarray], Awaitable[LayerOutput]]
 
 
 @dataclass
@@ -120,8 +121,9 @@ class _LayerQueue:
     async def _serve(self, batch: list[_Pending]) -> None:
         try:
             hidden = batch[0].hidden if len(batch) == 1 else torch.cat([i.hidden for i in batch])
+            groups = np.repeat(np.arange(len(batch)), [i.tokens for i in batch])
             started = time.perf_counter()
-            result = await self._forward(self.layer, hidden)
+            result = await self._forward(self.layer, hidden, groups)
         except asyncio.CancelledError:  # closing: nobody is left waiting
             for item in batch:
                 item.future.cancel()

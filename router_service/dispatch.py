@@ -150,10 +150,54 @@ def plan_retry(failed: Sequence[WorkerRequest], table: ReplicaTable,
                outstanding: np.ndarray | None = None) -> DispatchPlan:
     """Send the assignments of `failed` requests again, to the live replicas of `table`
     (built without the workers that failed). expert_tokens is zero: the load was counted once."""
-    logical = np.concatenate([np.repeat(r.share.expert_ids, np.diff(r.share.offsets)) for r in failed])
-    token_of = np.concatenate([r.share.token_idx for r in failed])
-    weight_of = np.concatenate([r.share.weights for r in failed])
+    logical, token_of, weight_of = _assignments(failed)
     return _plan(logical, token_of, weight_of, table, outstanding, np.zeros(0, dtype=np.int64))
+
+
+def plan_isolated_retry(failed: Sequence[WorkerRequest], placement: Placement, down: frozenset[int],
+                        groups: np.ndarray, outstanding: np.ndarray | None = None) -> DispatchPlan:
+    """`plan_retry`, keeping requests apart: groups `[T]` says which request each batch row
+    belongs to, and each request's assignments go to as few workers as cover its experts,
+    workers no other request of this retry uses where the replicas allow. A request that kills
+    its workers again (a poison request) then fails alone, and the innocent requests it was
+    batched with are served."""
+    logical, token_of, weight_of = _assignments(failed)
+    requests, unserved_tokens, unserved_experts = [], [], []
+    worker_tokens = np.zeros(placement.num_workers, dtype=np.int64)
+    used: set[int] = set()
+    holders = {e: {w for w, _ in reps} - down for e, reps in enumerate(placement.replicas)}
+    for group in np.unique(groups[token_of]):
+        mine = groups[token_of] == group
+        workers = _cover(np.unique(logical[mine]).tolist(), holders, used)
+        table = ReplicaTable(placement, frozenset(range(placement.num_workers)) - workers)
+        plan = _plan(logical[mine], token_of[mine], weight_of[mine], table, outstanding, np.zeros(0, dtype=np.int64))
+        requests += plan.requests
+        used.update(r.worker for r in plan.requests)
+        worker_tokens += plan.worker_tokens
+        unserved_tokens.append(plan.unserved_tokens)
+        unserved_experts.append(plan.unserved_experts)
+    return DispatchPlan(placement.version, tuple(requests), np.zeros(0, dtype=np.int64), worker_tokens,
+                        np.unique(np.concatenate(unserved_tokens)), np.unique(np.concatenate(unserved_experts)))
+
+
+def _cover(experts: list[int], holders: dict[int, set[int]], used: set[int]) -> frozenset[int]:
+    """Few live workers that hold every one of `experts` (greedy set cover), preferring workers
+    not in `used`; an expert no live worker holds is left uncovered (its tokens go unserved)."""
+    left, chosen = {e for e in experts if holders[e]}, set()
+    while left:
+        candidates = {w for e in left for w in holders[e]}
+        best = max(candidates, key=lambda w: (w not in used, sum(w in holders[e] for e in left), -w))
+        chosen.add(best)
+        left = {e for e in left if best not in holders[e]}
+    return frozenset(chosen)
+
+
+def _assignments(requests: Sequence[WorkerRequest]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The flat assignments `[N]` of `requests`: global logical expert, batch row, gate weight."""
+    logical = np.concatenate([np.repeat(r.share.expert_ids, np.diff(r.share.offsets)) for r in requests])
+    token_of = np.concatenate([r.share.token_idx for r in requests])
+    weight_of = np.concatenate([r.share.weights for r in requests])
+    return logical, token_of, weight_of
 
 
 def _plan(logical: np.ndarray, token_of: np.ndarray, weight_of: np.ndarray, table: ReplicaTable,

@@ -31,11 +31,13 @@ class ModelNotReady(ServingError):
 
 
 class WorkerLost(ServingError):
-    """A worker died, is restarting, or has not loaded its replicas yet (retryable)."""
+    """A worker died, is restarting, or has not loaded its replicas yet (retryable).
+    incarnation: the one the failed call went to (None: not known)."""
 
-    def __init__(self, worker: int, detail: str):
+    def __init__(self, worker: int, detail: str, incarnation: str | None = None):
         super().__init__(f"expert worker {worker} {detail}")
         self.worker = worker
+        self.incarnation = incarnation
 
 
 class ExpertUnavailable(ServingError):

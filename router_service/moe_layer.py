@@ -18,7 +18,9 @@ import torch
 
 from cluster.model_spec import GateWeights, ModelSpec
 from cluster.placement import Placement
-from router_service.dispatch import DispatchPlan, ReplicaTable, WorkerRequest, add_partials, plan_dispatch, plan_retry
+from router_service.dispatch import (
+    DispatchPlan, ReplicaTable, WorkerRequest, add_partials, plan_dispatch, plan_isolated_retry, plan_retry,
+)
 from router_service.errors import ExpertUnavailable, ServingError, WorkerLost
 from router_service.gate import Routing, route
 from router_service.placement_store import PlacementStore
@@ -38,8 +40,9 @@ class ExpertBackend(Protocol):
     def down(self) -> frozenset[int]:
         """Workers not to send to now."""
 
-    def mark_lost(self, worker: int) -> None:
-        """Count `worker` as down until the control plane says otherwise."""
+    def mark_lost(self, worker: int, incarnation: str | None) -> bool:
+        """Count `worker` as down until the control plane says otherwise, if `incarnation` (the
+        one a failed call went to) is the one in service; returns whether it did."""
 
 
 @dataclass(frozen=True)
@@ -85,8 +88,9 @@ class DistributedMoELayer:
 
     Faults: a worker share that fails because its worker was lost is sent again to the other
     live replicas of its experts, at most `max_retries` times per batch (so a request that
-    kills workers cannot crash-loop them); tokens whose experts have no live replica fail at
-    once with `ExpertUnavailable`. Admission: a batch waits to be sent while some worker has
+    kills workers cannot crash-loop them), each request's rows (`groups`) on workers of their
+    own where the replicas allow, so that a request that kills workers fails alone; tokens whose
+    experts have no live replica fail at once with `ExpertUnavailable`. Admission: a batch waits to be sent while some worker has
     `max_worker_inflight_tokens` or more in hand (expert-token assignments).
     """
 
@@ -112,7 +116,8 @@ class DistributedMoELayer:
         self._max_inflight = max_worker_inflight_tokens
         self._room = asyncio.Condition()
         self.retries = 0  # worker shares sent again after their worker was lost
-        self.lost_workers: set[int] = set()  # seen lost since the router's last report
+        self.last_share_s: dict[int, float] = {}  # worker -> when it last got a share (time.monotonic)
+        self.lost_workers: set[tuple[int, str | None]] = set()  # (worker, incarnation) lost since the last report
         self.stage_s = StageTimes()
 
     def _replica_table(self, placement: Placement) -> ReplicaTable:
@@ -123,8 +128,9 @@ class DistributedMoELayer:
                 self.outstanding = np.pad(self.outstanding, (0, placement.num_workers - len(self.outstanding)))
         return self._table
 
-    async def forward(self, layer: int, hidden: torch.Tensor) -> LayerOutput:
-        """hidden: `[T, H]` float32 for MoE layer `layer` (the model's numbering)."""
+    async def forward(self, layer: int, hidden: torch.Tensor, groups: np.ndarray | None = None) -> LayerOutput:
+        """hidden: `[T, H]` float32 for MoE layer `layer` (the model's numbering); groups: `[T]`
+        which request each row belongs to (retries keep requests apart, see `plan_retry`)."""
         moe_index = self.spec.moe_index(layer)
         await self._wait_for_room()
         with self._placements.use() as placement:
@@ -142,9 +148,9 @@ class DistributedMoELayer:
                 answered, lost = await self._send(shared_x, plan.requests)  # gather
                 t0 = time.thread_time()
                 add_partials(out, answered)  # combine
-                for request, _ in lost:
-                    self._backend.mark_lost(request.worker)
-                    self.lost_workers.add(request.worker)
+                for request, err in lost:
+                    self._backend.mark_lost(request.worker, err.incarnation)
+                    self.lost_workers.add((request.worker, err.incarnation))
                 if lost and attempt == self._max_retries:
                     for request, _ in lost:
                         failed[request.rows] = True
@@ -153,7 +159,10 @@ class DistributedMoELayer:
                         f"replicas it was sent to again ({self._max_retries} retries)")
                 elif lost:  # the same assignments, to the other live replicas
                     self.retries += len(lost)
-                    plan = plan_retry([r for r, _ in lost], self._replica_table(placement), self.outstanding)
+                    failed_shares = [r for r, _ in lost]
+                    table = self._replica_table(placement)
+                    plan = plan_retry(failed_shares, table, self.outstanding) if groups is None else \
+                        plan_isolated_retry(failed_shares, placement, table.down, groups, self.outstanding)
                     if plan.unserved_tokens.size:
                         failed[plan.unserved_tokens] = True
                         failure = failure or WorkerLost(
@@ -187,8 +196,16 @@ class DistributedMoELayer:
                 answered.append((request, result))
         return answered, lost
 
+    def worker_view(self, now_s: float, window_s: float) -> tuple[int, int]:
+        """(workers this router may send to, workers that got a share within `window_s`): under
+        load the two should match; a routable worker that gets nothing is a bug to see."""
+        routable = self._placements.current.num_workers - len(self._backend.down)
+        serving = sum(now_s - at <= window_s for at in self.last_share_s.values())
+        return routable, serving
+
     async def _call(self, shared_x, request: WorkerRequest) -> np.ndarray:
         worker = request.worker
+        self.last_share_s[worker] = time.monotonic()
         self.outstanding[worker] += request.num_tokens
         try:
             return await self._backend.forward(shared_x, request)

@@ -5,6 +5,7 @@ the control plane collects with `take_report`."""
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 import numpy as np
@@ -17,6 +18,9 @@ from router_service.batcher import Batcher, RequestResult
 from router_service.errors import ServingError
 from router_service.generation.text import TextModel
 from router_service.moe_layer import DistributedMoELayer, LayerOutput
+
+
+SERVING_WINDOW_S = 10.0  # a worker that got a share within this long counts as serving
 
 
 class ModelRouter:
@@ -52,17 +56,19 @@ class ModelRouter:
         """What `ServerReady` / `ModelReady` say: serving, and not draining."""
         return self.ready and not self.draining
 
-    async def _forward(self, layer: int, hidden: torch.Tensor) -> LayerOutput:
-        out = await self._layer.forward(layer, hidden)
+    async def _forward(self, layer: int, hidden: torch.Tensor, groups: np.ndarray | None = None) -> LayerOutput:
+        out = await self._layer.forward(layer, hidden, groups)
         self.expert_tokens[self.spec.moe_index(layer)] += out.expert_tokens
         self.batches_served += 1
         return out
 
-    async def moe(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, ServingError | None]:
-        """One MoE layer of a generation step, `[N, H]` (any device and float dtype) -> its output
-        `[N, H]` float32 on the CPU, the tokens that could not be served (`[N]` bool, or None) and
-        why. Counted as routed load like the layer API's requests."""
-        out = await self._forward(layer, hidden.detach().to(device="cpu", dtype=torch.float32).contiguous())
+    async def moe(self, layer: int, hidden: torch.Tensor, groups: np.ndarray | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, ServingError | None]:
+        """One MoE layer of a generation step, `[N, H]` (any device and float dtype; `groups`:
+        `[N]` the sequence of each token) -> its output `[N, H]` float32 on the CPU, the tokens
+        that could not be served (`[N]` bool, or None) and why. Counted as routed load like the
+        layer API's requests."""
+        out = await self._forward(layer, hidden.detach().to(device="cpu", dtype=torch.float32).contiguous(), groups)
         failed = None if out.failed is None else torch.from_numpy(out.failed)
         return out.hidden, failed, out.failure
 
@@ -87,10 +93,12 @@ class ModelRouter:
         delta, self._reported = counts - self._reported, counts
         delays = tuple(self._queue_delays)
         self._queue_delays.clear()
-        lost, self._layer.lost_workers = tuple(sorted(self._layer.lost_workers)), set()
+        lost = tuple(sorted(self._layer.lost_workers, key=lambda pair: (pair[0], pair[1] or "")))
+        self._layer.lost_workers = set()
         generation = self.text.engine.take_load() if self.text is not None else None
+        routable, serving = self._layer.worker_view(time.monotonic(), SERVING_WINDOW_S)
         return RouterReport(self.router_id, delta, delays, self._batcher.oldest_queued_s(),
-                            self.outstanding_tokens_now(), lost, generation)
+                            self.outstanding_tokens_now(), lost, generation, routable, serving)
 
     async def close(self) -> None:
         self.ready = False

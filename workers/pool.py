@@ -9,7 +9,7 @@ from collections.abc import Callable
 import ray
 
 from cluster.config import WorkersConfig
-from cluster.placement import Placement
+from cluster.placement import Placement, WorkerRef
 from workers.weights import WeightSource
 from workers.worker import CONTROL_GROUP, ExpertWorker
 
@@ -207,6 +207,14 @@ class ExpertPool:
         self._incarnations[worker] = info["incarnation"]
         self._nodes[worker] = info["node_id"]
         return loaded
+
+    @property
+    def refs(self) -> list[WorkerRef]:
+        """Each worker's handle with the incarnation it was loaded as (what routers get)."""
+        return [WorkerRef(h, i) for h, i in zip(self.handles, self._incarnations)]
+
+    def incarnation(self, worker: int) -> str:
+        return self._incarnations[worker]
 
     def worker_nodes(self) -> list[str]:
         """`[W]` the Ray node id each worker runs on (for node-aware placement)."""

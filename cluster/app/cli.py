@@ -136,9 +136,8 @@ def cmd_infer(args, console: Console) -> int:
 
 def cmd_demo(args, console: Console) -> int:
     from cluster.app.demo import demo_config, run_demo
-    from cluster.app.launcher import connect_ray
-
     from cluster.app.demo_text import run_text_demo
+    from cluster.app.launcher import connect_ray
 
     config = demo_config(args.workers)
     connect_ray(config.ray, num_cpus=max(2, os.cpu_count() or 2))

@@ -86,8 +86,8 @@ class LoadFeed:
     def outstanding(self):
         return self.board.outstanding_tokens(self._hub.current.num_workers)
 
-    async def lost_workers(self) -> set[int]:
-        """Workers the routers saw lost since the previous call (collects their reports)."""
+    async def lost_workers(self) -> set[tuple[int, str | None]]:
+        """`(worker, incarnation)` the routers saw lost since the previous call (collects their reports)."""
         await self.refresh()
         return self.board.take_lost_workers()
 
@@ -216,7 +216,7 @@ async def start_control_plane(config: ServeConfig, progress: LoadProgress | None
         loaded = await asyncio.to_thread(pool.load, placement, progress)
         log.info("loaded %.1f MiB of expert weights into %d workers", loaded / 2**20, config.workers.count)
         hub = PlacementHub(placement)
-        await hub.set_workers(pool.handles)
+        await hub.set_workers(pool.refs)
         feed = LoadFeed(hub, LoadBoard(spec.num_moe_layers, spec.num_experts, config.rebalance.window_s,
                                        started_s=time.monotonic(),
                                        placed=spec.placed_load if spec.num_shared_experts else None))

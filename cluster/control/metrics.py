@@ -47,6 +47,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "scale_events": ("counter", "worker count changes (and failed attempts), by action and trigger", ("model", "action", "trigger")),
     "scale_duration_s": ("histogram", "seconds a scaling action took", ("model", "action")),
     "worker_events": ("counter", "workers lost and reloaded, and placement repairs, by kind", ("model", "kind")),
+    "router_workers": ("gauge", "per router: workers it may send to (routable) and that got a share in the last 10 s "
+                       "(serving); under load they match", ("model", "router", "state")),
     # text generation, in the conventions LLM servers use (per router: data-parallel attention)
     "time_to_first_token_s": ("histogram", "seconds from a generation request's arrival to its first token", ("model",)),
     "time_per_output_token_s": ("histogram", "seconds per generated token after the first, per request", ("model",)),
@@ -197,6 +199,12 @@ class ControlMetrics:
             self._set("worker_tokens_per_s", w["tokens_per_s"], worker=w["index"])
             self._set("worker_busy_fraction", w["busy_fraction"], worker=w["index"])
             self._set("worker_queue_tokens", w["outstanding_tokens"], worker=w["index"])
+
+    def router_workers(self, per_router: dict[str, tuple[int, int]]) -> None:
+        """per_router: router -> (routable workers, serving workers)."""
+        for router, (routable, serving) in per_router.items():
+            self._set("router_workers", routable, router=router, state="routable")
+            self._set("router_workers", serving, router=router, state="serving")
 
     def rebalance(self, kind: str, duration_s: float, bytes_moved: int) -> None:
         tags = {"model": self.model}

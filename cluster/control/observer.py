@@ -66,6 +66,7 @@ class Observer:
             self._metrics.load(snapshot.tokens_per_s, replicas,
                                layer_balancedness(placement, snapshot.placement_load), placement.version)
             self._metrics.workers(placement.num_workers, self._pending(), self.workers)
+            self._metrics.router_workers(self._feed.board.router_workers(now))
 
     def _rates(self, stats: list[dict], now: float) -> list[dict]:
         """Per worker: tokens/s and busy fraction since the previous look; tokens in hand now."""

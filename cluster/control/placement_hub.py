@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
-from cluster.placement import Placement
+from cluster.placement import Placement, WorkerRef
 from cluster.planning.load_stats import RouterReport
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,9 @@ class RouterLink(Protocol):
     def drained(self, version: int, timeout_s: float) -> Awaitable[None]:
         """Resolve once the router runs no batch on a placement older than `version`."""
 
-    def set_workers(self, handles: Sequence[Any]) -> Awaitable[None]:
-        """The worker handle of each placement index, in order; None: do not send there."""
+    def set_workers(self, workers: Sequence[WorkerRef | None]) -> Awaitable[None]:
+        """The worker of each placement index, in order (handle and incarnation); None: do not
+        send there."""
 
     def take_report(self) -> Awaitable[RouterReport]:
         """The routed load since the previous report."""
@@ -46,7 +47,7 @@ class PlacementHub:
     def __init__(self, placement: Placement, link_timeout_s: float = 30.0):
         self._current = placement
         self._links: dict[str, RouterLink] = {}
-        self._workers: list[Any] = []
+        self._workers: list[WorkerRef] = []
         self._down: set[int] = set()
         self._timeout_s = link_timeout_s
 
@@ -62,22 +63,34 @@ class PlacementHub:
         return sorted(self._links)
 
     @property
-    def workers(self) -> list[Any]:
-        """The handle of each worker, None for one that is down (what routers get)."""
-        return [None if i in self._down else h for i, h in enumerate(self._workers)]
+    def workers(self) -> list[WorkerRef | None]:
+        """Each worker as routers get it: its handle and incarnation, None for one that is down."""
+        return [None if i in self._down else ref for i, ref in enumerate(self._workers)]
 
     @property
     def down(self) -> frozenset[int]:
         return frozenset(self._down)
+
+    def incarnation(self, worker: int) -> str | None:
+        """The incarnation of `worker` in service (None: no such worker)."""
+        return self._workers[worker].incarnation if worker < len(self._workers) else None
 
     async def mark_down(self, worker: int) -> None:
         """Routers stop sending to `worker` (lost or restarting) until `mark_up`."""
         self._down.add(worker)
         await self._each("set_workers", lambda link: link.set_workers(self.workers))
 
-    async def mark_up(self, worker: int) -> None:
-        """`worker` holds its replicas again: routers may send to it."""
+    async def mark_up(self, worker: int, ref: WorkerRef | None = None) -> None:
+        """`worker` holds its replicas again (as incarnation `ref`, after Ray restarted it):
+        routers may send to it."""
+        if ref is not None:
+            self._workers[worker] = ref
         self._down.discard(worker)
+        await self._each("set_workers", lambda link: link.set_workers(self.workers))
+
+    async def readmit(self) -> None:
+        """Tell every router again which workers serve: a router that counted one down after a
+        failure of the incarnation still in service (which answers again) uses it again."""
         await self._each("set_workers", lambda link: link.set_workers(self.workers))
 
     async def attach(self, link: RouterLink) -> None:
@@ -106,9 +119,9 @@ class PlacementHub:
         """Wait until no router runs a batch on a placement older than `version`."""
         await self._each("drain", lambda link: link.drained(version, timeout_s), timeout_s + self._timeout_s)
 
-    async def set_workers(self, handles: Sequence[Any]) -> None:
-        """All the workers' handles (scaling); the ones marked down stay down."""
-        self._workers = list(handles)
+    async def set_workers(self, workers: Sequence[WorkerRef]) -> None:
+        """All the workers (scaling); the ones marked down stay down."""
+        self._workers = list(workers)
         self._down = {w for w in self._down if w < len(self._workers)}
         await self._each("set_workers", lambda link: link.set_workers(self.workers))
 

@@ -26,6 +26,7 @@ from cluster.control.controller import Controller, notify
 from cluster.control.loops import Periodic
 from cluster.control.placement_hub import PlacementHub
 from cluster.control.rebalancer import MigrationReport, Rebalancer
+from cluster.placement import WorkerRef
 from cluster.planning.autoscaler import AutoscaleState, ScaleDecision, ScaleSnapshot, decide
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,9 @@ class WorkerFleet(Protocol):
 
     handles: list[Any]
     pending: int
+
+    @property
+    def refs(self) -> list[WorkerRef]: ...
 
     def add_workers(self, count: int, timeout_s: float) -> Awaitable[list[dict]]: ...
     def remove_workers(self, count: int) -> None: ...
@@ -111,7 +115,7 @@ class Reconciler:
             self._fleet.request_capacity(len(self._fleet.handles))
             reason += f" ({len(added)} of {target - before} new workers found a node in time)"
         async with self._controller.exclusive():
-            await self._hub.set_workers(self._fleet.handles)
+            await self._hub.set_workers(self._fleet.refs)
             self._controller.resize([self._slots] * len(self._fleet.handles), self._fleet.worker_nodes())
             report = await self._rebalancer.apply(self._controller.plan())
         return self._event("out", before, start, reason, report)
@@ -121,7 +125,7 @@ class Reconciler:
         async with self._controller.exclusive():
             emptied = self._controller.plan(capacity=[self._slots] * target + [0] * (before - target))
             report = await self._rebalancer.apply(emptied.resized(target, 0, emptied.version))
-            await self._hub.set_workers(self._fleet.handles[:target])
+            await self._hub.set_workers(self._fleet.refs[:target])
             self._fleet.remove_workers(before - target)
             self._controller.resize([self._slots] * target, self._fleet.worker_nodes())
         self._fleet.request_capacity(target)

@@ -12,6 +12,12 @@ Every `interval_s` it probes each worker (`ready()`, which runs beside the exper
   incarnation it is **reloaded** with its row of the placement in service (copied from live
   replicas where there are, else read from the checkpoint) and the routers use it again.
 
+What routers report is about one incarnation (`WorkerRef`): a failure of an incarnation that is
+no longer in service is stale and ignored, so it can never take down the one that replaced it.
+A router that counted the incarnation in service down while it still answers, unrestarted, is
+**re-admitted**: every router is told again which workers serve (the hub is the one source of
+which workers a router may use).
+
 Repairs and reloads hold the rebalancer's lock, so no migration changes the placement under
 them; automatic rebalancing waits while a worker is down.
 """
@@ -31,6 +37,7 @@ from cluster.control.controller import notify
 from cluster.control.loops import Periodic
 from cluster.control.placement_hub import PlacementHub
 from cluster.control.rebalancer import Rebalancer, copy_sources
+from cluster.placement import WorkerRef
 from cluster.planning.repair import plan_repair, uncovered_experts
 
 log = logging.getLogger(__name__)
@@ -41,15 +48,19 @@ class SupervisedFleet(Protocol):
 
     handles: list
 
+    @property
+    def refs(self) -> list[WorkerRef]: ...
     async def probe(self, timeout_s: float) -> list[dict | None]: ...
     def restarted(self, worker: int, info: dict) -> bool: ...
+    def incarnation(self, worker: int) -> str: ...
     async def reload(self, worker: int, info: dict, experts: list[int], copy_from: dict[int, int]) -> int: ...
 
 
 @dataclass(frozen=True)
 class WorkerEvent:
-    """kind: lost (stopped answering), reloaded (back with its replicas), repaired (experts
-    that lost every live replica got one elsewhere), unrepaired (no room for them)."""
+    """kind: lost (stopped answering), reloaded (back with its replicas), readmitted (a router
+    counted it down, but it still serves), repaired (experts that lost every live replica got
+    one elsewhere), unrepaired (no room for them)."""
 
     at_s: float
     kind: str
@@ -61,7 +72,8 @@ class WorkerEvent:
 class WorkerSupervisor:
     def __init__(self, fleet: SupervisedFleet, hub: PlacementHub, rebalancer: Rebalancer,
                  capacity: Callable[[], Sequence[int]], load: Callable[[], np.ndarray],
-                 reported_lost: Callable[[], Awaitable[set[int]]], interval_s: float, probe_timeout_s: float,
+                 reported_lost: Callable[[], Awaitable[set[tuple[int, str | None]]]], interval_s: float,
+                 probe_timeout_s: float,
                  max_misses: int = 10, clock: Callable[[], float] = time.monotonic):
         self._fleet = fleet
         self._hub = hub
@@ -88,7 +100,8 @@ class WorkerSupervisor:
         infos = await self._fleet.probe(self._probe_timeout_s)
         if len(self._fleet.handles) != count or count != self._hub.current.num_workers:
             return  # the workers changed meanwhile (scaling): look again next time
-        reported = await self._reported_lost()
+        reported = self._current(await self._reported_lost())
+        readmit = []
         for worker, info in enumerate(infos):
             self._misses[worker] = self._misses.get(worker, 0) + 1 if info is None else 0
             restarted = info is not None and self._fleet.restarted(worker, info)
@@ -98,6 +111,12 @@ class WorkerSupervisor:
                 self._down_since[worker] = self._clock()
                 why = "was restarted by Ray (no replicas)" if restarted else "stopped answering"
                 self._record("lost", (worker,), f"worker {worker} {why}; routing around it")
+            elif info is not None and worker in reported and worker not in self._hub.down:
+                readmit.append(worker)  # a router counted it down, but it answers as the same incarnation
+        if readmit:
+            await self._hub.readmit()
+            self._record("readmitted", tuple(readmit), f"workers {readmit} still serve as the same incarnation; "
+                         "the routers that counted them down use them again")
         if uncovered_experts(self._hub.current, self._hub.down):
             await self._repair()
         for worker, info in enumerate(infos):
@@ -108,6 +127,18 @@ class WorkerSupervisor:
                     await self._hub.mark_up(worker)
                     self._down_since.pop(worker, None)
                     self._record("reloaded", (worker,), f"worker {worker} answers again; it kept its replicas")
+
+    def _current(self, reported: set[tuple[int, str | None]]) -> set[int]:
+        """The workers whose incarnation in service a router saw fail (stale reports dropped)."""
+        current = set()
+        for worker, incarnation in reported:
+            if worker >= len(self._fleet.handles):
+                continue
+            if incarnation is None or incarnation == self._fleet.incarnation(worker):
+                current.add(worker)
+            else:
+                log.debug("ignored a late failure of worker %d's old incarnation %s", worker, incarnation[:8])
+        return current
 
     async def _repair(self) -> None:
         async with self._rebalancer.exclusive():
@@ -131,7 +162,7 @@ class WorkerSupervisor:
             start, current, down = self._clock(), self._hub.current, self._hub.down
             experts = [e for _, e in current.experts_of(worker)]
             loaded = await self._fleet.reload(worker, info, experts, copy_sources(current, worker, experts, down))
-            await self._hub.mark_up(worker)
+            await self._hub.mark_up(worker, self._fleet.refs[worker])
         since = self._down_since.pop(worker, start)
         self._record("reloaded", (worker,),
                      f"worker {worker} serves again with {len(experts)} replicas "

@@ -94,8 +94,9 @@ class RouterReport:
     expert_tokens: `[L, E]` tokens routed per logical expert since then; queue_delays_s: how long
     the requests finished since then waited in the queue (the latest ones, bounded);
     oldest_queued_s: how long the oldest request still queued has waited; outstanding_tokens:
-    `[W]` tokens the router has in the workers now; lost_workers: workers whose calls failed
-    because they were lost, since then; generation: its dense side, when it generates text.
+    `[W]` tokens the router has in the workers now; lost_workers: `(worker, incarnation)` of the
+    calls that failed because their worker was lost, since then (the incarnation the call went
+    to, None when not known); generation: its dense side, when it generates text.
     """
 
     router_id: str
@@ -103,8 +104,10 @@ class RouterReport:
     queue_delays_s: tuple[float, ...] = ()
     oldest_queued_s: float = 0.0
     outstanding_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    lost_workers: tuple[int, ...] = ()
+    lost_workers: tuple[tuple[int, str | None], ...] = ()
     generation: GenerationLoad | None = None
+    routable_workers: int = 0  # workers the router may send to now
+    serving_workers: int = 0  # of which got a share recently
 
 
 class LoadBoard:
@@ -127,7 +130,7 @@ class LoadBoard:
         self._tpot: deque[tuple[float, float]] = deque(maxlen=4096)  # (at_s, time per output token s)
         self._generated: deque[tuple[float, int]] = deque(maxlen=4096)  # (at_s, output tokens)
         self._latest: dict[str, tuple[float, RouterReport]] = {}
-        self._lost: set[int] = set()
+        self._lost: set[tuple[int, str | None]] = set()
 
     def report(self, report: RouterReport, now_s: float) -> None:
         for moe_index, counts in enumerate(np.asarray(report.expert_tokens)):
@@ -141,8 +144,8 @@ class LoadBoard:
         self._latest[report.router_id] = (now_s, report)
         self._lost.update(report.lost_workers)
 
-    def take_lost_workers(self) -> set[int]:
-        """Workers the routers saw lost since the previous call."""
+    def take_lost_workers(self) -> set[tuple[int, str | None]]:
+        """`(worker, incarnation)` the routers saw lost since the previous call."""
         lost, self._lost = self._lost, set()
         return lost
 
@@ -169,6 +172,11 @@ class LoadBoard:
         start = now_s - self.window.window_s
         return {name: r.generation for name, (at, r) in self._latest.items()
                 if r.generation is not None and at >= start}
+
+    def router_workers(self, now_s: float) -> dict[str, tuple[int, int]]:
+        """Per router that reported within the window: (routable workers, serving workers)."""
+        start = now_s - self.window.window_s
+        return {name: (r.routable_workers, r.serving_workers) for name, (at, r) in self._latest.items() if at >= start}
 
     def generation_latency_ms(self, now_s: float, quantile: float = 0.9) -> tuple[float, float]:
         """(time to first token, time per output token) at `quantile` over the window, in ms;

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from cluster.planning.load_stats import GenerationLoad
@@ -32,8 +33,9 @@ from router_service.generation.scheduler import SchedulerConfig, SeqState, sched
 
 log = logging.getLogger(__name__)
 
-# (layer, hidden [N, H]) -> (output [N, H], failed [N] bool or None, why)
-MoECall = Callable[[int, torch.Tensor], Awaitable[tuple[torch.Tensor, torch.Tensor | None, ServingError | None]]]
+# (layer, hidden [N, H], groups [N]: the sequence of each token) -> (output [N, H], failed [N] bool or None, why)
+MoECall = Callable[[int, torch.Tensor, np.ndarray],
+                   Awaitable[tuple[torch.Tensor, torch.Tensor | None, ServingError | None]]]
 
 
 @dataclass(frozen=True)
@@ -263,9 +265,10 @@ class GenerationEngine:
         layout = StepLayout.build(slots, self.cache.block_size)
         failed = torch.zeros(layout.num_tokens, dtype=torch.bool)
         failures: list[ServingError] = []
+        groups = np.repeat(np.arange(len(batch)), layout.q_lens)  # a poison sequence fails alone
 
         async def moe(layer: int, hidden: torch.Tensor) -> torch.Tensor:
-            out, bad, why = await self._moe(layer, hidden)
+            out, bad, why = await self._moe(layer, hidden, groups)
             if bad is not None:
                 failed.logical_or_(bad)
                 failures.append(why)

@@ -68,7 +68,7 @@ class FakeModel:
         self.first_started = asyncio.Event()
         self.release = asyncio.Event()
 
-    async def forward(self, layer: int, hidden: torch.Tensor) -> LayerOutput:
+    async def forward(self, layer: int, hidden: torch.Tensor, groups=None) -> LayerOutput:
         call = len(self.batches)
         ids = torch.unique_consecutive(hidden[:, 0]).long().tolist()
         self.batches.append((layer, ids, int(hidden.shape[0])))
@@ -420,7 +420,7 @@ class UnservedModel(FakeModel):
         super().__init__()
         self.bad_id = bad_id
 
-    async def forward(self, layer: int, hidden: torch.Tensor) -> LayerOutput:
+    async def forward(self, layer: int, hidden: torch.Tensor, groups=None) -> LayerOutput:
         out = await super().forward(layer, hidden)
         failed = (hidden[:, 0] == self.bad_id).numpy()
         return LayerOutput(out.hidden, out.routing, out.expert_tokens, out.placement_version, failed,

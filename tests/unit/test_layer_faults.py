@@ -37,13 +37,16 @@ class InProcessBackend:
         self._down: set[int] = set()
         self.calls: list[int] = []
         self.hold: asyncio.Event | None = None
+        self.poison: set[int] = set()  # batch rows that kill whichever worker computes them
+        self.killed: list[int] = []
 
     @property
     def down(self) -> frozenset[int]:
         return frozenset(self._down)
 
-    def mark_lost(self, worker: int) -> None:
+    def mark_lost(self, worker: int, incarnation: str | None) -> bool:
         self._down.add(worker)
+        return True
 
     def share(self, x: np.ndarray) -> np.ndarray:
         return x
@@ -54,6 +57,10 @@ class InProcessBackend:
             await self.hold.wait()
         if request.worker in self.lost:
             raise WorkerLost(request.worker, "was lost (test)")
+        if self.poison & set(request.share.token_idx.tolist()):
+            self.lost.add(request.worker)  # the process died with the share
+            self.killed.append(request.worker)
+            raise WorkerLost(request.worker, "was lost (poisoned)")
         return self.workers[request.worker].forward(x, request.share)
 
 
@@ -142,3 +149,24 @@ def test_a_full_worker_holds_the_next_batch_back(model):
         assert len(backend.calls) > sent_while_full
 
     asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+def test_a_poison_request_fails_alone_and_the_requests_batched_with_it_are_served(model):
+    """Three requests in one batch, the second carries a row that kills any worker computing it
+    (its 2 experts may sit on 2 workers): the retry sends each request's rows to workers of
+    their own, so only the second fails, and it kills at most top_k x (1 + max_retries)
+    workers, as a lone poison request does."""
+    layer, backend = _layer(model, [[0, 1, 2, 3]] * 6, max_retries=1)
+    x = _x(30, seed=5)
+    groups = np.repeat([0, 1, 2], 10)
+    backend.poison = {14}  # in request 1
+
+    out = asyncio.run(layer.forward(0, x, groups))
+
+    assert out.failed is not None and out.failed[groups == 1].any(), "the poison request fails"
+    assert not out.failed[groups != 1].any(), "the requests batched with it do not"
+    want, _ = ReferenceMoE(model).forward(0, x)
+    innocent = groups != 1
+    assert _rel(out.hidden[innocent], want[innocent]) < TOL
+    assert len(backend.killed) <= SPEC.top_k * 2 and isinstance(out.failure, WorkerLost)
+

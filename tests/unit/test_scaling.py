@@ -14,7 +14,7 @@ from cluster.control.controller import Controller
 from cluster.control.placement_hub import PlacementHub
 from cluster.control.rebalancer import Rebalancer
 from cluster.control.scaler import Autoscaler, Reconciler
-from cluster.placement import EMPTY, Placement, slots_per_worker
+from cluster.placement import EMPTY, Placement, WorkerRef, slots_per_worker
 from cluster.planning.autoscaler import ScaleSnapshot
 from cluster.planning.load_stats import LoadBoard, LoadSnapshot, RouterReport
 
@@ -40,9 +40,9 @@ class FakeLink:
     async def drained(self, version: int, timeout_s: float) -> None:
         self._check()
 
-    async def set_workers(self, handles) -> None:
+    async def set_workers(self, workers) -> None:
         self._check()
-        self.workers = list(handles)
+        self.workers = [getattr(w, "handle", w) for w in workers]  # the handles, as a router uses them
 
     async def take_report(self) -> RouterReport:
         self._check()
@@ -114,6 +114,10 @@ class FakeFleet:
 
     def worker_nodes(self) -> list[str]:
         return ["node-a"] * len(self.handles)
+
+    @property
+    def refs(self) -> list[WorkerRef]:
+        return [WorkerRef(h, f"{h}-incarnation") for h in self.handles]
 
 
 HOT = np.array([[800.0, 100, 100, 100, 50, 50, 50, 50]])
