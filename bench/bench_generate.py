@@ -9,7 +9,7 @@ Systems (same checkpoint: random seeded weights, float32; greedy; exactly the as
   process, `--workers` expert shard actors with 1 torch thread each, router 2 threads); the client
   runs in another process (`bench.generate_load`) and streams over the OpenAI-compatible HTTP API,
   so time to first token (TTFT) is seen per request.
-- transformers: `generate` in this process, 2 torch threads; for the stream, static batches and
+- transformers: `generate` in this process, 2 torch threads; for the stream, (a) static batches and
   (b) `transformers`' own continuous batching, sized like the served engine.
 
 Workloads (`Workloads`): single (one 512-token prompt, 128 new tokens: TTFT and time per output
@@ -40,15 +40,7 @@ import transformers
 
 from bench import generate_baselines as hf
 from bench.bench_serving import ServedModel
-from bench.generate_load import (
-    Request,
-    Timing,
-    at_rate,
-    poisson_requests,
-    same_requests,
-    summarise,
-    summarise_single,
-)
+from bench.generate_load import Request, Timing, at_rate, poisson_requests, same_requests, summarise, summarise_single
 from bench.render import emit
 from cluster.app.launcher import connect_ray
 from cluster.config import RayConfig, ServeConfig, validate_config
@@ -116,10 +108,10 @@ class MoEProbe:
         self.calls: list[tuple[int, float]] = []
         inner = engine._moe
 
-        async def timed(layer: int, hidden: torch.Tensor):
+        async def timed(layer: int, hidden: torch.Tensor, *rest):  # rest: whatever else the hook takes
             start = time.perf_counter()
             try:
-                return await inner(layer, hidden)
+                return await inner(layer, hidden, *rest)
             finally:
                 self.calls.append((int(hidden.shape[0]), time.perf_counter() - start))
 
@@ -314,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, help="requests in the mixed stream (default 128, quick 8)")
     parser.add_argument("--repeats", type=int, help="runs of the single sequence (default 3, quick 2)")
     parser.add_argument("--load", type=float, default=0.9,
-                        help="mixed arrival rate as a fraction of served concurrent tokens/s / mean output length")
+                        help="mixed arrival rate as a fraction of served concurrent tokens/s / mean output length "
+                             "(the mixed prompts are longer: 0.9 offers more than the served capacity)")
     parser.add_argument("--workers", type=int, default=2, help="expert shard workers")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.models.split(",") if n.strip()]

@@ -92,6 +92,7 @@ class WorkersConfig(_Section):
     spread: Annotated[bool, Field(description="spread the workers over the nodes (Ray's SPREAD strategy), so losing a node loses as few as possible; false packs them")] = True
     health_check_interval_s: Annotated[float, Field(gt=0, description="how often the supervisor probes every worker (a lost one is routed around, reloaded once Ray restarts it)")] = 0.5
     health_check_timeout_s: Annotated[float, Field(gt=0, description="a probe not answered within this long is missed")] = 1.0
+    spares: Annotated[int, Field(ge=0, description="warm spare workers (started, libraries loaded, no replicas): a lost or hung worker's place is taken by one at once, without waiting for Ray to start a new process; counted in the resources asked of Ray's autoscaler")] = 0
     health_check_misses: Annotated[int, Field(ge=1, description="probes missed in a row before a silent worker counts as down; a worker a router saw fail counts at once, and one Ray restarted is reloaded at once (a probe can wait behind batch shares whose inputs are still on their way, so keep this high)")] = 10
 
     @model_validator(mode="after")
@@ -182,6 +183,8 @@ class RouterConfig(_Section):
     max_queued_tokens: Annotated[int, Field(ge=1, description="admission control: refuse a request with RESOURCE_EXHAUSTED when the model's queue would pass this many tokens (a lone request larger than this still goes)")] = 262144
     max_worker_inflight_tokens: Annotated[int, Field(ge=1, description="admission control: hold new batches while a worker has this many expert-token assignments in hand")] = 65536
     max_retries: Annotated[int, Field(ge=0, description="times a batch's share is sent again to other replicas after its worker was lost (bounded, so a request that kills workers cannot crash-loop them)")] = 1
+    share_timeout_s: Annotated[float, Field(gt=0, description="a worker share unanswered this long (or share_timeout_factor x what its size took that worker lately, if longer) counts its worker as hung: the share goes to another replica and the supervisor restarts the worker if its computation is still running")] = 10.0
+    share_timeout_factor: Annotated[float, Field(ge=1, description="how many times the time a share of its size took lately a share may take before its worker counts as hung")] = 20.0
     max_message_mb: Annotated[int, Field(ge=1, description="largest request or response message")] = 256
     torch_threads: Annotated[int, Field(ge=1, description="torch threads in the router (gate, combine)")] = 1
     num_cpus: Annotated[float, Field(ge=0, description="CPUs Ray reserves for the router actor (moe-serve deploy)")] = 1.0

@@ -168,3 +168,19 @@ class RebalanceRequest(_message.Message):
     model: str
     force: bool
     def __init__(self, model: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ("model", "history")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    history: bool
+    def __init__(self, model: _Optional[str] = ..., history: _Optional[bool] = ...) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("model", "status_json")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STATUS_JSON_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    status_json: str
+    def __init__(self, model: _Optional[str] = ..., status_json: _Optional[str] = ...) -> None: ...

@@ -59,6 +59,11 @@ class AdminServiceStub:
                 request_serializer=protos_dot_moe__admin__pb2.RebalanceRequest.SerializeToString,
                 response_deserializer=protos_dot_moe__admin__pb2.RebalanceEvent.FromString,
                 _registered_method=True)
+        self.GetStatus = channel.unary_unary(
+                '/moe.admin.v1.AdminService/GetStatus',
+                request_serializer=protos_dot_moe__admin__pb2.StatusRequest.SerializeToString,
+                response_deserializer=protos_dot_moe__admin__pb2.StatusResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -99,6 +104,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStatus(self, request, context):
+        """Everything `moe-serve status` shows (workers, placement, load, autoscaler, routers,
+        events), as JSON: the same for `moe-serve serve` and `moe-serve deploy`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +139,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.Rebalance,
                     request_deserializer=protos_dot_moe__admin__pb2.RebalanceRequest.FromString,
                     response_serializer=protos_dot_moe__admin__pb2.RebalanceEvent.SerializeToString,
+            ),
+            'GetStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatus,
+                    request_deserializer=protos_dot_moe__admin__pb2.StatusRequest.FromString,
+                    response_serializer=protos_dot_moe__admin__pb2.StatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +281,33 @@ class AdminService:
             '/moe.admin.v1.AdminService/Rebalance',
             protos_dot_moe__admin__pb2.RebalanceRequest.SerializeToString,
             protos_dot_moe__admin__pb2.RebalanceEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe.admin.v1.AdminService/GetStatus',
+            protos_dot_moe__admin__pb2.StatusRequest.SerializeToString,
+            protos_dot_moe__admin__pb2.StatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

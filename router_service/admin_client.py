@@ -1,12 +1,14 @@
 """A blocking Python client for the admin API (`moe.admin.v1.AdminService`).
 
-Placements come back as `cluster.placement.Placement` values; the other answers are the
-protobuf messages themselves (`LoadResponse`, `PlanResponse`, `RebalanceEvent`). Errors are
+Placements come back as `cluster.placement.Placement` values, the status as a dict (decoded
+JSON); the other answers are the protobuf messages themselves (`LoadResponse`, `PlanResponse`,
+`RebalanceEvent`). Errors are
 `grpc.RpcError`s with the status the server chose (NOT_FOUND, INVALID_ARGUMENT, ...).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -71,6 +73,12 @@ class AdminClient:
 
     def rebalance(self, model: str, force: bool = False) -> admin_pb2.RebalanceEvent:
         return self._stub.Rebalance(admin_pb2.RebalanceRequest(model=model, force=force), timeout=self.timeout_s)
+
+    def status(self, model: str, history: bool = False) -> dict:
+        """What `moe-serve status` shows, as the server's JSON decoded; with `history`, also the
+        per-expert load over time (for `status --png`)."""
+        response = self._stub.GetStatus(admin_pb2.StatusRequest(model=model, history=history), timeout=self.timeout_s)
+        return json.loads(response.status_json)
 
 
 def event_to_dict(event: admin_pb2.RebalanceEvent) -> dict:

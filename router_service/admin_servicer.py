@@ -1,4 +1,4 @@
-"""The admin gRPC service (`moe.admin.v1.AdminService`): load, placement, rebalance.
+"""The admin gRPC service (`moe.admin.v1.AdminService`): load, placement, rebalance, status.
 
 The servicer speaks protobuf on one side and `AdminOperations` (implemented by
 `cluster.control.admin.ModelAdmin`) on the other. Domain errors become gRPC status codes here, in one
@@ -18,6 +18,7 @@ Protocols, and placements travel as `cluster.placement.Placement` values.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -128,6 +129,11 @@ class AdminOperations(Protocol):
     async def apply(self, placement: Placement) -> RebalanceEventView: ...
 
     async def rebalance(self, force: bool = False) -> RebalanceEventView: ...
+
+    async def status(self, history: bool = False) -> dict:
+        """What `moe-serve status` shows, JSON-ready (the control plane's status, with what the
+        composition root adds: addresses, routers); with `history`, the per-expert load over time."""
+        ...
 
 
 # ---- conversions (the client uses the same two for placements) ---------------------------
@@ -302,3 +308,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             return event_to_pb(event, admin.placement.version, self._clock())
 
         return await self._call(context, request.model, "Rebalance", rebalance)
+
+    async def GetStatus(self, request, context):
+        async def get(admin: AdminOperations) -> admin_pb2.StatusResponse:
+            status = await admin.status(history=request.history)
+            # default=str: what `moe-serve status --json` does with a value JSON has no type for
+            return admin_pb2.StatusResponse(model=admin.name, status_json=json.dumps(status, default=str))
+
+        return await self._call(context, request.model, "GetStatus", get)

@@ -165,10 +165,16 @@ def plan_isolated_retry(failed: Sequence[WorkerRequest], placement: Placement, d
     requests, unserved_tokens, unserved_experts = [], [], []
     worker_tokens = np.zeros(placement.num_workers, dtype=np.int64)
     used: set[int] = set()
+    suspects: set[int] = set()  # workers given to the requests in every lost share
     holders = {e: {w for w, _ in reps} - down for e, reps in enumerate(placement.replicas)}
-    for group in np.unique(groups[token_of]):
+    # a request with rows in every lost share is the likeliest killer: it goes first, on workers
+    # the others then avoid above all
+    seen = {g: sum(g in set(groups[r.share.token_idx].tolist()) for r in failed) for g in np.unique(groups[token_of])}
+    for group in sorted(seen, key=lambda g: (-seen[g], g)):
         mine = groups[token_of] == group
-        workers = _cover(np.unique(logical[mine]).tolist(), holders, used)
+        workers = _cover(np.unique(logical[mine]).tolist(), holders, used, suspects)
+        if seen[group] == len(failed):
+            suspects |= workers
         table = ReplicaTable(placement, frozenset(range(placement.num_workers)) - workers)
         plan = _plan(logical[mine], token_of[mine], weight_of[mine], table, outstanding, np.zeros(0, dtype=np.int64))
         requests += plan.requests
@@ -180,13 +186,15 @@ def plan_isolated_retry(failed: Sequence[WorkerRequest], placement: Placement, d
                         np.unique(np.concatenate(unserved_tokens)), np.unique(np.concatenate(unserved_experts)))
 
 
-def _cover(experts: list[int], holders: dict[int, set[int]], used: set[int]) -> frozenset[int]:
-    """Few live workers that hold every one of `experts` (greedy set cover), preferring workers
-    not in `used`; an expert no live worker holds is left uncovered (its tokens go unserved)."""
+def _cover(experts: list[int], holders: dict[int, set[int]], used: set[int],
+           suspects: set[int] = frozenset()) -> frozenset[int]:
+    """Few live workers that hold every one of `experts` (greedy set cover), avoiding `suspects`
+    above all, then workers in `used`; an expert no live worker holds is left uncovered (its
+    tokens go unserved)."""
     left, chosen = {e for e in experts if holders[e]}, set()
     while left:
         candidates = {w for e in left for w in holders[e]}
-        best = max(candidates, key=lambda w: (w not in used, sum(w in holders[e] for e in left), -w))
+        best = max(candidates, key=lambda w: (w not in suspects, w not in used, sum(w in holders[e] for e in left), -w))
         chosen.add(best)
         left = {e for e in left if best not in holders[e]}
     return frozenset(chosen)

@@ -31,13 +31,15 @@ class ModelNotReady(ServingError):
 
 
 class WorkerLost(ServingError):
-    """A worker died, is restarting, or has not loaded its replicas yet (retryable).
-    incarnation: the one the failed call went to (None: not known)."""
+    """A worker died, is restarting, has not loaded its replicas yet, or hangs (retryable).
+    incarnation: the one the failed call went to (None: not known); hung: it did not answer
+    within its deadline (it may still be alive)."""
 
-    def __init__(self, worker: int, detail: str, incarnation: str | None = None):
+    def __init__(self, worker: int, detail: str, incarnation: str | None = None, hung: bool = False):
         super().__init__(f"expert worker {worker} {detail}")
         self.worker = worker
         self.incarnation = incarnation
+        self.hung = hung
 
 
 class ExpertUnavailable(ServingError):

@@ -19,7 +19,13 @@ import torch
 from cluster.model_spec import GateWeights, ModelSpec
 from cluster.placement import Placement
 from router_service.dispatch import (
-    DispatchPlan, ReplicaTable, WorkerRequest, add_partials, plan_dispatch, plan_isolated_retry, plan_retry,
+    DispatchPlan,
+    ReplicaTable,
+    WorkerRequest,
+    add_partials,
+    plan_dispatch,
+    plan_isolated_retry,
+    plan_retry,
 )
 from router_service.errors import ExpertUnavailable, ServingError, WorkerLost
 from router_service.gate import Routing, route
@@ -43,6 +49,9 @@ class ExpertBackend(Protocol):
     def mark_lost(self, worker: int, incarnation: str | None) -> bool:
         """Count `worker` as down until the control plane says otherwise, if `incarnation` (the
         one a failed call went to) is the one in service; returns whether it did."""
+
+    def incarnation(self, worker: int) -> str | None:
+        """The incarnation of `worker` calls go to now (None: down or unknown)."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,8 @@ class DistributedMoELayer:
         backend: ExpertBackend,
         max_retries: int = 1,
         max_worker_inflight_tokens: int | None = None,
+        share_timeout_s: float | None = None,
+        share_timeout_factor: float = 20.0,
     ):
         missing = [layer for layer in spec.moe_layers if layer not in gates]
         if missing:
@@ -115,9 +126,13 @@ class DistributedMoELayer:
         self._max_retries = max_retries
         self._max_inflight = max_worker_inflight_tokens
         self._room = asyncio.Condition()
+        self._share_timeout_s = share_timeout_s
+        self._share_timeout_factor = share_timeout_factor
+        self._seconds_per_token: dict[int, float] = {}  # worker -> what a share took lately, per assignment
         self.retries = 0  # worker shares sent again after their worker was lost
         self.last_share_s: dict[int, float] = {}  # worker -> when it last got a share (time.monotonic)
         self.lost_workers: set[tuple[int, str | None]] = set()  # (worker, incarnation) lost since the last report
+        self.hung_workers: set[tuple[int, str | None]] = set()  # ... that did not answer in time
         self.stage_s = StageTimes()
 
     def _replica_table(self, placement: Placement) -> ReplicaTable:
@@ -150,7 +165,7 @@ class DistributedMoELayer:
                 add_partials(out, answered)  # combine
                 for request, err in lost:
                     self._backend.mark_lost(request.worker, err.incarnation)
-                    self.lost_workers.add((request.worker, err.incarnation))
+                    (self.hung_workers if err.hung else self.lost_workers).add((request.worker, err.incarnation))
                 if lost and attempt == self._max_retries:
                     for request, _ in lost:
                         failed[request.rows] = True
@@ -203,12 +218,29 @@ class DistributedMoELayer:
         serving = sum(now_s - at <= window_s for at in self.last_share_s.values())
         return routable, serving
 
+    def share_deadline_s(self, worker: int, tokens: int) -> float | None:
+        """How long a share of `tokens` assignments may take on `worker` before it counts as
+        hung: the floor, or `share_timeout_factor` x what that took lately, if longer."""
+        if self._share_timeout_s is None:
+            return None
+        lately = self._seconds_per_token.get(worker, 0.0) * max(tokens, 1)
+        return max(self._share_timeout_s, self._share_timeout_factor * lately)
+
     async def _call(self, shared_x, request: WorkerRequest) -> np.ndarray:
         worker = request.worker
-        self.last_share_s[worker] = time.monotonic()
+        start = self.last_share_s[worker] = time.monotonic()
         self.outstanding[worker] += request.num_tokens
+        deadline = self.share_deadline_s(worker, request.num_tokens)
         try:
-            return await self._backend.forward(shared_x, request)
+            try:
+                out = await asyncio.wait_for(self._backend.forward(shared_x, request), deadline)
+            except asyncio.TimeoutError:
+                incarnation = self._backend.incarnation(worker)
+                raise WorkerLost(worker, f"did not answer within {deadline:.1f}s (hung?)", incarnation,
+                                 hung=True) from None
+            per_token = (time.monotonic() - start) / max(request.num_tokens, 1)
+            self._seconds_per_token[worker] = 0.8 * self._seconds_per_token.get(worker, per_token) + 0.2 * per_token
+            return out
         finally:
             self.outstanding[worker] -= request.num_tokens
             if self._max_inflight is not None:

@@ -55,6 +55,10 @@ class RayExpertBackend:
         self._workers[worker] = None
         return True
 
+    def incarnation(self, worker: int) -> str | None:
+        current = self._workers[worker] if worker < len(self._workers) else None
+        return None if current is None else current.incarnation
+
     def share(self, x: np.ndarray) -> ray.ObjectRef:
         return ray.put(x)
 

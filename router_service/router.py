@@ -19,7 +19,6 @@ from router_service.errors import ServingError
 from router_service.generation.text import TextModel
 from router_service.moe_layer import DistributedMoELayer, LayerOutput
 
-
 SERVING_WINDOW_S = 10.0  # a worker that got a share within this long counts as serving
 
 
@@ -93,12 +92,13 @@ class ModelRouter:
         delta, self._reported = counts - self._reported, counts
         delays = tuple(self._queue_delays)
         self._queue_delays.clear()
-        lost = tuple(sorted(self._layer.lost_workers, key=lambda pair: (pair[0], pair[1] or "")))
-        self._layer.lost_workers = set()
+        lost, hung = (tuple(sorted(pairs, key=lambda pair: (pair[0], pair[1] or "")))
+                      for pairs in (self._layer.lost_workers, self._layer.hung_workers))
+        self._layer.lost_workers, self._layer.hung_workers = set(), set()
         generation = self.text.engine.take_load() if self.text is not None else None
         routable, serving = self._layer.worker_view(time.monotonic(), SERVING_WINDOW_S)
         return RouterReport(self.router_id, delta, delays, self._batcher.oldest_queued_s(),
-                            self.outstanding_tokens_now(), lost, generation, routable, serving)
+                            self.outstanding_tokens_now(), lost, generation, routable, serving, hung)
 
     async def close(self) -> None:
         self.ready = False

@@ -21,18 +21,31 @@ def worker_name(model_name: str, index: int) -> str:
     return f"{model_name}-worker-{index:02d}"
 
 
+def spare_name(model_name: str, number: int) -> str:
+    """A warm spare's actor name, e.g. `mixtral-spare-00`; it keeps it once it takes a worker's place."""
+    return f"{model_name}-spare-{number:02d}"
+
+
+SPARE = -1  # the index a warm spare answers with until it takes a worker's place
+
+
 class ExpertPool:
     """Creates the expert shard actors for one model, loads a placement into them, kills them,
     and asks Ray's autoscaler for the nodes they need."""
 
     def __init__(self, model_name: str, weights: WeightSource, config: WorkersConfig, namespace: str,
-                 worker_cls: type[ExpertWorker] = ExpertWorker):
+                 worker_cls: type[ExpertWorker] = ExpertWorker, detached: bool = False):
+        """detached: the workers outlive the process that creates them (`moe-serve deploy`: a
+        controller that dies and comes back finds them serving, `adopt`)."""
         self.model_name = model_name
+        self._detached = detached
         self._worker_cls = worker_cls  # a subclass only to inject faults in tests
         self.namespace = namespace
         self._weights = weights
         self._config = config
         self.handles: list[ray.actor.ActorHandle] = []
+        self.spares: list[ray.actor.ActorHandle] = []  # started, torch imported, no replicas
+        self._spares_made = 0
         self._nodes: list[str] = []
         self._incarnations: list[str] = []  # what each worker's `ready()` said when it was loaded
         self._num_gpus: float | None = None
@@ -56,11 +69,11 @@ class ExpertPool:
         bundle = {"CPU": self._config.num_cpus, "GPU": self.gpus_per_worker(), **self._config.resources}
         return {k: float(v) for k, v in bundle.items() if v > 0}
 
-    def _create(self, index: int) -> ray.actor.ActorHandle:
-        """A worker actor. Ray restarts it where it dies (on another node if its node is
-        lost); it comes back empty, and the supervisor reloads it (`reload`)."""
+    def _create(self, index: int, name: str | None = None) -> ray.actor.ActorHandle:
+        """A worker actor (a warm spare with `index` SPARE). Ray restarts it where it dies (on
+        another node if its node is lost); it comes back empty, and the supervisor reloads it."""
         return ray.remote(concurrency_groups={CONTROL_GROUP: 1})(self._worker_cls).options(
-            name=worker_name(self.model_name, index),
+            name=name or worker_name(self.model_name, index),
             namespace=self.namespace,
             num_cpus=self._config.num_cpus,
             num_gpus=self.gpus_per_worker(),
@@ -69,6 +82,7 @@ class ExpertPool:
             scheduling_strategy="SPREAD" if self._config.spread else "DEFAULT",
             max_restarts=-1,
             max_task_retries=0,  # the router retries elsewhere, boundedly: never a crash loop
+            lifetime="detached" if self._detached else None,
         ).remote(index, self._weights, self._config.torch_threads, self._config.device)
 
     def start(self, num_workers: int) -> list[dict]:
@@ -78,6 +92,44 @@ class ExpertPool:
         self._nodes = [info["node_id"] for info in infos]
         self._incarnations = [info["incarnation"] for info in infos]
         return infos
+
+    async def adopt(self, count: int, timeout_s: float = 30.0) -> list[dict]:
+        """Take over the model's actors that already run (a controller that came back): the ones
+        answering as workers `0 .. count-1` (a spare that took a place answers with that index),
+        the spares; workers beyond `count` (a scale-out cut short) are stopped. Returns the
+        workers' `ready()` info, with what each hosts."""
+        found = {}
+        for name in self._own_actor_names():
+            handle = ray.get_actor(name, namespace=self.namespace)
+            try:
+                found[name] = (handle, await asyncio.wait_for(handle.ready.remote(), timeout_s))
+            except (asyncio.TimeoutError, ray.exceptions.RayActorError):
+                ray.kill(handle, no_restart=True)  # neither serving nor spare: gone
+        by_index = {info["index"]: handle for handle, info in found.values()}
+        missing = [i for i in range(count) if i not in by_index]
+        spares = [(name, handle) for name, (handle, info) in found.items() if info["index"] == SPARE]
+        if len(missing) > len(spares):
+            raise RuntimeError(f"workers {missing} of {count} do not run; the deployment cannot be taken over")
+        for index, (name, handle) in zip(missing, spares):  # e.g. a worker Ray restarted as the spare it was made
+            await handle.assign.remote(index)
+            by_index[index] = handle
+            found[name] = (handle, {**found[name][1], "index": index})
+        for handle, info in found.values():
+            if info["index"] >= count:
+                ray.kill(handle, no_restart=True)
+        self.handles = [by_index[i] for i in range(count)]
+        self.spares = [handle for handle, info in found.values() if info["index"] == SPARE]  # the ones left
+        self._spares_made = 1 + max((int(n.rsplit("-", 1)[1]) for n in found if "-spare-" in n), default=-1)
+        infos = [info for i in range(count) for handle, info in found.values() if handle is by_index[i]]
+        hosted = await asyncio.gather(*(h.hosted.remote() for h in self.handles))
+        self._nodes = [info["node_id"] for info in infos]
+        self._incarnations = [info["incarnation"] for info in infos]
+        return [{**info, "hosted": experts} for info, experts in zip(infos, hosted)]
+
+    def _own_actor_names(self) -> list[str]:
+        prefixes = (f"{self.model_name}-worker-", f"{self.model_name}-spare-")
+        return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                      if a["namespace"] == self.namespace and a["name"].startswith(prefixes))
 
     async def add_workers(self, count: int, timeout_s: float) -> list[dict]:
         """Create `count` more workers (indices after the last) and wait until they answer.
@@ -114,6 +166,34 @@ class ExpertPool:
                     raise
                 await asyncio.sleep(0.2)
 
+    # ---- warm spares: a lost worker's place taken in well under a second ------------------------
+
+    def start_spares(self) -> None:
+        """Start spares until `workers.spares` run (without waiting for them to answer)."""
+        while len(self.spares) < self._config.spares:
+            self.spares.append(self._create(SPARE, spare_name(self.model_name, self._spares_made)))
+            self._spares_made += 1
+
+    async def swap_in_spare(self, worker: int, timeout_s: float = 1.0) -> dict | None:
+        """Put a live spare in `worker`'s place (the old actor is killed); its `ready()` info,
+        or None when no spare answers within `timeout_s`. Load its replicas next."""
+        while self.spares:
+            spare = self.spares.pop(0)
+            try:
+                info = await asyncio.wait_for(spare.ready.remote(), timeout_s)
+            except (asyncio.TimeoutError, ray.exceptions.RayActorError):
+                ray.kill(spare, no_restart=True)
+                continue
+            await spare.assign.remote(worker)
+            ray.kill(self.handles[worker], no_restart=True)
+            self.handles[worker] = spare
+            self._incarnations[worker] = info["incarnation"]
+            self._nodes[worker] = info["node_id"]
+            self.start_spares()  # a new spare for the next loss
+            return info
+        self.start_spares()
+        return None
+
     def remove_workers(self, count: int) -> None:
         """Kill the last `count` workers (their replicas must have been moved away)."""
         if not 0 < count < len(self.handles):
@@ -125,12 +205,12 @@ class ExpertPool:
         del self._incarnations[-count:]
 
     def request_capacity(self, workers: int) -> None:
-        """Ask Ray's autoscaler for room for `workers` workers in all (a standing request that
-        replaces the previous one): it launches nodes for more, and may reclaim idle ones when
-        fewer are asked for. Without an autoscaler this changes nothing."""
+        """Ask Ray's autoscaler for room for `workers` workers and the spares in all (a standing
+        request that replaces the previous one): it launches nodes for more, and may reclaim idle
+        ones when fewer are asked for. Without an autoscaler this changes nothing."""
         from ray.autoscaler.sdk import request_resources
 
-        request_resources(bundles=[self.worker_bundle()] * workers)
+        request_resources(bundles=[self.worker_bundle()] * (workers + self._config.spares))
 
     def load(self, placement: Placement, progress: Callable[[int, int], None] | None = None) -> int:
         """Load every worker's replicas of `placement`, in chunks, workers in parallel.
@@ -196,6 +276,11 @@ class ExpertPool:
                 infos.append(None)
         return infos
 
+    def restart(self, worker: int) -> None:
+        """Kill a hung worker's process; Ray starts it again (empty: it is reloaded once it
+        answers as its new incarnation)."""
+        ray.kill(self.handles[worker], no_restart=False)
+
     def restarted(self, worker: int, info: dict) -> bool:
         """Whether `info` (from `probe`) comes from a new incarnation of `worker`: Ray
         restarted it, and it holds none of its replicas."""
@@ -203,6 +288,7 @@ class ExpertPool:
 
     async def reload(self, worker: int, info: dict, experts: list[int], copy_from: dict[int, int]) -> int:
         """Load a restarted worker's replicas again; from now on `info` is its incarnation."""
+        await self.handles[worker].assign.remote(worker)  # a spare that took the place came back as one
         loaded = await self.load_replicas(worker, experts, copy_from)
         self._incarnations[worker] = info["incarnation"]
         self._nodes[worker] = info["node_id"]
@@ -238,8 +324,8 @@ class ExpertPool:
         return ray.get([h.stats.remote() for h in self.handles])
 
     def shutdown(self) -> None:
-        for handle in self.handles:
+        for handle in [*self.handles, *self.spares]:
             ray.kill(handle, no_restart=True)
-        self.handles = []
+        self.handles, self.spares = [], []
         self._nodes = []
         self._incarnations = []

@@ -40,6 +40,7 @@ class ExpertWorker:
     def __init__(self, index: int, weights: WeightSource, torch_threads: int = 1, device: str = "auto"):
         torch.set_num_threads(torch_threads)
         self.index = index
+        self._started_index = index  # what the repr shows (`assign` may change `index`)
         self.spec: ModelSpec = weights.spec
         self._weights = weights
         self.device = torch.device(_pick_device(device))
@@ -51,22 +52,33 @@ class ExpertWorker:
         self._skip: set[int] = set()  # calls nobody waits for any more (see `skip`)
         self._skip_order: deque[int] = deque()
         self._skipped = 0
+        self._computing_since: float | None = None  # a share's math runs since then (time.monotonic)
         self.incarnation = uuid.uuid4().hex  # new each time Ray restarts the actor (empty again)
 
     def __repr__(self) -> str:
-        return (
-            f"ExpertWorker(index={self.index}, replicas={len(self._experts)}, device={self.device}, "
-            f"pid={os.getpid()})"
-        )
+        # Ray records an actor's repr once, when the actor starts, and the dashboard shows that
+        # forever: only what never changes in this process goes in (no replica count). The index
+        # is the one it started with: a warm spare (index < 0) that takes a worker's place later
+        # (`assign`) stays "started as a spare", as its actor name stays `<model>-spare-NN`.
+        started = "started as a spare" if self._started_index < 0 else f"index={self._started_index}"
+        return f"ExpertWorker({started}, device={self.device}, pid={os.getpid()})"
 
     @ray.method(concurrency_group=CONTROL_GROUP, enable_task_events=False)
     def ready(self) -> dict:
         """Cheap call to wait for the actor to start, and the supervisor's health probe: it runs
         beside `forward` (its own concurrency group), so a busy worker still answers. A new
-        `incarnation` means Ray restarted the actor and it holds no replicas."""
+        `incarnation` means Ray restarted the actor and it holds no replicas; `computing_s`: how
+        long the share being computed has run (0: none), which tells a hung worker."""
         node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+        since = self._computing_since
         return {"index": self.index, "device": str(self.device), "pid": os.getpid(), "node_id": node_id,
-                "incarnation": self.incarnation, "replicas": len(self._experts)}
+                "incarnation": self.incarnation, "replicas": len(self._experts),
+                "computing_s": 0.0 if since is None else time.monotonic() - since}
+
+    @ray.method(concurrency_group=CONTROL_GROUP, enable_task_events=False)
+    def assign(self, index: int) -> None:
+        """A warm spare takes over worker `index`'s place (its replicas are loaded next)."""
+        self.index = int(index)
 
     def load(self, experts: list[int]) -> int:
         """Load replicas of logical experts `experts` from the weight source; returns bytes."""
@@ -126,6 +138,13 @@ class ExpertWorker:
             self._skipped += 1
             return np.zeros((0, x.shape[1]), dtype=np.float32)
         start = time.perf_counter()
+        self._computing_since = time.monotonic()
+        try:
+            return self._compute(x, share, start)
+        finally:
+            self._computing_since = None
+
+    def _compute(self, x: np.ndarray, share: ExpertShare, start: float) -> np.ndarray:
         expert_ids, offsets, token_idx = share.expert_ids, share.offsets, share.token_idx
         missing = [int(e) for e in expert_ids if int(e) not in self._experts]
         if missing:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -160,7 +161,9 @@ def build_router(config: ServeConfig, spec: ModelSpec, gates: dict[int, GateWeig
     store = PlacementStore(placement)
     backend = RayExpertBackend(handles)
     layer = DistributedMoELayer(spec, gates, store, backend, max_retries=config.router.max_retries,
-                                max_worker_inflight_tokens=config.router.max_worker_inflight_tokens)
+                                max_worker_inflight_tokens=config.router.max_worker_inflight_tokens,
+                                share_timeout_s=config.router.share_timeout_s,
+                                share_timeout_factor=config.router.share_timeout_factor)
     router = ModelRouter(config.model.name, layer, config.router, router_id=router_id)
     return RouterSide(router_id, router, store, backend)
 
@@ -172,6 +175,7 @@ class Deployment:
     config: ServeConfig
     plane: ControlPlane
     side: RouterSide
+    started_s: float = field(default_factory=time.time)
 
     @property
     def weights(self) -> WeightSource:
@@ -214,6 +218,20 @@ class Deployment:
     def describe_text(self) -> str:
         return describe_text(self.config, self.side)
 
+    async def status(self, history: bool = False) -> dict:
+        """What `moe-serve status --address` shows of this process (the admin API's GetStatus):
+        the control plane's status and its one router, with the keys a `moe-serve deploy`
+        service's status has (`cluster.app.service.ServiceController.status`)."""
+        status = await self.plane.status(history)
+        http = self.http_address
+        status.update(address=self.address, http_address=http,
+                      router_fleet=[{"name": self.side.name, "address": self.address, "http_address": http}],
+                      namespace=self.config.ray.namespace, up_s=time.time() - self.started_s,
+                      controller={"pid": os.getpid(), "recovered_s": None},
+                      router_scaling={"mode": "off (moe-serve serve runs one router)", "bounds": [1, 1],
+                                      "decision": None, "events": []})
+        return status
+
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop deciding and taking requests, let in-flight ones finish, release the workers."""
         await self.plane.stop_loops()
@@ -240,4 +258,6 @@ async def deploy(config: ServeConfig, progress: LoadProgress | None = None,
         await plane.stop()
         raise
     plane.start_loops()
-    return Deployment(config, plane, side)
+    deployment = Deployment(config, plane, side)
+    plane.admin.status_source = deployment.status  # GetStatus answers with the router's addresses too
+    return deployment

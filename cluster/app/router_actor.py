@@ -61,7 +61,8 @@ class RouterActor:
         self._starting = asyncio.Lock()
 
     def __repr__(self) -> str:
-        return f"RouterActor(model={self.config.model.name!r}, address={self.address()})"
+        # Ray records the repr once, at creation (before the router serves): no address here.
+        return f"RouterActor(model={self.config.model.name!r}, name={self.name!r})"
 
     def address(self) -> str | None:
         """host:port once serving, else None."""
@@ -108,6 +109,11 @@ class RouterActor:
 
     async def take_report(self):
         return await self.side.take_report()
+
+    def placement(self):
+        """The placement this router serves (None before it starts): a restarted controller
+        takes over from the newest one."""
+        return None if self.side is None else self.side.store.current
 
     def stats(self) -> dict:
         """What this router has served: batches through the expert pool, and its generation."""
@@ -160,6 +166,10 @@ class RemoteAdmin:
     async def rebalance(self, force: bool = False):
         event, shift = await self._call("rebalance", force)
         return _shifted(event, shift)
+
+    async def status(self, history: bool = False) -> dict:
+        """The controller's status (what `moe-serve status` shows of the deployment, every router)."""
+        return await self._controller.status.remote(history)
 
 
 def _shifted(event, shift_s: float):

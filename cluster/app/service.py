@@ -16,15 +16,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
+import threading
 import time
 from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from cluster.app import service_state
 from cluster.app.router_actor import ActorRouterLink, RouterActor, router_name
 from cluster.config import ServeConfig, validate_config
-from cluster.control.control_plane import ControlPlane, start_control_plane
+from cluster.control.control_plane import ControlPlane, adopt_control_plane, start_control_plane
 from cluster.control.router_scaler import RouterScaler
 from cluster.placement import Placement
 
@@ -50,28 +53,138 @@ class ServiceController:
         self._progress = (0, 0)
         self._routers: dict[str, ray.actor.ActorHandle] = {}  # name -> actor, oldest first
         self._address: str | None = None
-        self._watch: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self._started_s = time.time()
+        self._up: asyncio.Event | None = None  # set once it is in charge (started, or recovered)
+        self.recovered_s: float | None = None  # how long taking over took, after Ray restarted it
+        if ray.get_runtime_context().was_current_actor_reconstructed:  # Ray restarted this actor
+            me = ray.get_runtime_context().current_actor
+            threading.Thread(target=lambda: me.recover.remote(), name="recover", daemon=True).start()
 
     def __repr__(self) -> str:
-        return f"ServiceController(model={self.config.model.name!r}, routers={list(self._routers)}, address={self._address})"
+        return f"ServiceController(model={self.config.model.name!r})"
+
+    async def _in_charge(self) -> None:
+        """Wait until started or recovered (calls that arrive while a restarted one takes over)."""
+        if self._up is None:
+            self._up = asyncio.Event()
+        await self._up.wait()
 
     async def start(self) -> str:
-        """Start the workers, load them, start `router.count` routers; returns the address."""
+        """Start the workers, load them, start `router.count` routers; returns the address. The
+        workers and routers are detached: they outlive this actor, and a restarted one adopts
+        them (`recover`)."""
         if self.plane is None:
-            self.plane = await start_control_plane(self.config, self._on_progress)
-            self.routers = RouterScaler(self, self._generation, self.config.autoscaling, self.config.router.bounds,
-                                        refresh=self.plane.feed.refresh)
-            metrics = self.plane.observer.metrics
-            if metrics is not None:
-                self.routers.listeners.append(lambda e: metrics.scale(f"routers_{e.action}", e.trigger, e.duration_s))
+            self.plane = await start_control_plane(self.config, self._on_progress, detached=True)
+            self._add_router_scaler()
+        self._mark_in_charge()  # the routers it starts ask it for the placement
         while len(self._routers) < self.config.router.count:
             await self.add_router()
+        self._go()
+        return self._address
+
+    async def recover(self, attempts: int = 30) -> str | None:
+        """Take over after Ray restarted this actor (see `_take_over`), trying again every second
+        while the deployment's actors cannot all be reached yet."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self._take_over()
+            except Exception:
+                log.exception("taking over the deployment failed (attempt %d of %d)", attempt, attempts)
+                await asyncio.sleep(1.0)
+        return None
+
+    async def _take_over(self) -> str:
+        """Adopt the routers and workers that kept serving (the latest placement a router or the
+        saved state has), restore the events and what was pinned by hand, start the loops again."""
+        start = time.monotonic()
+        state = service_state.load(self.config.ray.namespace, self.config.model.name)
+        self._routers = await self._find_routers()
+        served = [p for p in await asyncio.gather(*(r.placement.remote() for r in self._routers.values())) if p]
+        candidates = served + ([state.placement] if state is not None else [])
+        if not candidates:
+            raise RuntimeError("no router serves and no saved state: nothing to take over; redeploy")
+        self.plane = await adopt_control_plane(self.config, max(candidates, key=lambda p: p.version))
+        self._add_router_scaler()
+        if state is not None:
+            self._restore(state)
+        self._mark_in_charge()
+        for name, handle in self._routers.items():
+            await self.plane.attach(ActorRouterLink(name, handle))
+        if self._routers:
+            self._address = await next(iter(self._routers.values())).address.remote()
+        self._go()
+        self.recovered_s = time.monotonic() - start
+        log.warning("controller restarted: took over %d workers and %d routers at placement v%d in %.1fs (%s)",
+                    len(self.plane.pool.handles), len(self._routers), self.plane.placement.version, self.recovered_s,
+                    f"its saved history restored: {sum(map(len, state.events.values()))} events"
+                    if state is not None else "no saved history")
+        return self._address
+
+    async def _find_routers(self) -> dict[str, ray.actor.ActorHandle]:
+        found = {}
+        for index in range(self.config.router.bounds[1] + 1):
+            name = router_name(self.config.model.name, index)
+            try:
+                found[name] = ray.get_actor(name, namespace=self.config.ray.namespace)
+            except ValueError:
+                continue
+        return found
+
+    def _add_router_scaler(self) -> None:
+        self.routers = RouterScaler(self, self._generation, self.config.autoscaling, self.config.router.bounds,
+                                    refresh=self.plane.feed.refresh)
+        metrics = self.plane.observer.metrics
+        if metrics is not None:
+            self.routers.listeners.append(lambda e: metrics.scale(f"routers_{e.action}", e.trigger, e.duration_s))
+
+    def _go(self) -> None:
+        """Start the loops, the router watch and the state saving; say it is in charge."""
         self.plane.start_loops()
         self.routers.start()
-        if self._watch is None:
-            self._watch = asyncio.get_running_loop().create_task(self._watch_routers(), name="router-watch")
-        return self._address
+        if not self._tasks:
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._watch_routers(), name="router-watch"),
+                           loop.create_task(self._save_state(), name="save-state")]
+        self._mark_in_charge()
+
+    def _mark_in_charge(self) -> None:
+        if self._up is None:
+            self._up = asyncio.Event()
+        self._up.set()
+
+    def _snapshot(self) -> service_state.ControllerState:
+        plane = self.plane
+        events = {"rebalance": list(plane.controller.events), "scale": list(plane.reconciler.events),
+                  "workers": list(plane.supervisor.events), "routers": list(self.routers.events)}
+        return service_state.ControllerState(plane.placement, events, plane.autoscaler.manual, self.routers.manual)
+
+    def _restore(self, state: service_state.ControllerState) -> None:
+        plane = self.plane
+        for name, queue in (("rebalance", plane.controller.events), ("scale", plane.reconciler.events),
+                            ("workers", plane.supervisor.events), ("routers", self.routers.events)):
+            queue.extend(state.events.get(name, []))
+        plane.autoscaler.manual, self.routers.manual = state.manual_workers, state.manual_routers
+
+    async def _save_state(self) -> None:
+        """Save every `SAVE_INTERVAL_S`, and at once after each event (a scaling, a rebalance, a
+        worker fault: what a restarted controller must not forget)."""
+        changed = asyncio.Event()
+        plane = self.plane
+        for listeners in (plane.controller.listeners, plane.reconciler.listeners, plane.supervisor.listeners,
+                          self.routers.listeners):
+            listeners.append(lambda _event: changed.set())
+        while True:
+            changed.clear()
+            try:
+                await asyncio.to_thread(service_state.save, self.config.ray.namespace, self.config.model.name,
+                                        self._snapshot())
+            except Exception:
+                log.exception("saving the controller state failed")
+            try:
+                await asyncio.wait_for(changed.wait(), service_state.SAVE_INTERVAL_S)
+            except asyncio.TimeoutError:
+                pass
 
     def _on_progress(self, done: int, total: int) -> None:
         self._progress = (done, total)
@@ -103,6 +216,7 @@ class ServiceController:
         handle = ray.remote(RouterActor).options(
             name=name, namespace=self.config.ray.namespace, num_cpus=self.config.router.num_cpus,
             max_restarts=-1, max_concurrency=1000, scheduling_strategy=strategy,
+            lifetime="detached",  # it serves on when the controller dies; a restarted one adopts it
         ).remote(self.config.model_dump(), controller_name(self.config.model.name), name)
         self._routers[name] = handle
         try:
@@ -147,15 +261,18 @@ class ServiceController:
 
     # ---- what the routers ask -------------------------------------------------------------------
 
-    def router_bootstrap(self) -> tuple[Placement, list]:
+    async def router_bootstrap(self) -> tuple[Placement, list]:
+        await self._in_charge()
         return self.plane.placement, self.plane.hub.workers
 
     async def attach_router(self, name: str) -> None:
+        await self._in_charge()
         await self.plane.attach(ActorRouterLink(name, ray.get_actor(name, namespace=self.config.ray.namespace)))
 
     async def admin_call(self, operation: str, *args) -> tuple[str, Any, float]:
         """An admin operation for a router: ("ok", result, now_s) or ("invalid", message, now_s).
         Only `ValueError`s (the user's mistakes) travel back as text; the rest is logged here."""
+        await self._in_charge()
         admin = self.plane.admin
         try:
             if operation == "load_report":
@@ -173,6 +290,7 @@ class ServiceController:
     # ---- what the command line asks -----------------------------------------------------------
 
     async def status(self, history: bool = False) -> dict:
+        await self._in_charge()
         status = await self.plane.status(history)
         routers = []
         for name, handle in self._routers.items():
@@ -184,6 +302,7 @@ class ServiceController:
         now, scaler = time.monotonic(), self.routers
         status.update(address=self._address, http_address=routers[0]["http_address"] if routers else None,
                       router_fleet=routers, namespace=self.config.ray.namespace, up_s=time.time() - self._started_s,
+                      controller={"pid": os.getpid(), "recovered_s": self.recovered_s},
                       router_scaling={
                           "mode": scaler.mode, "bounds": list(scaler.bounds),
                           "decision": None if scaler.last is None else dataclasses.asdict(scaler.last[1]),
@@ -194,6 +313,7 @@ class ServiceController:
     async def scale(self, workers: int | None, routers: int | None = None) -> dict:
         """Pin the worker count (`workers`) or the router count (`routers`), or hand both back to
         the autoscaler (neither)."""
+        await self._in_charge()
         if routers is not None:
             try:
                 events = await self.routers.scale(routers)
@@ -216,9 +336,10 @@ class ServiceController:
 
     async def shutdown(self, grace_s: float = 5.0, drain_s: float = 0.0) -> None:
         """Stop the routers (after a `drain_s` window of NOT_SERVING; in-flight requests get
-        `grace_s`), the loops and the workers."""
-        if self._watch is not None:
-            self._watch.cancel()
+        `grace_s`), the loops and the workers, and forget the saved state."""
+        for task in self._tasks:
+            task.cancel()
+        service_state.forget(self.config.ray.namespace, self.config.model.name)
         if self.routers is not None:
             await self.routers.stop()
         handles = list(self._routers.values())
@@ -265,6 +386,7 @@ def create_controller(config: ServeConfig) -> ray.actor.ActorHandle:
     here = ray.get_runtime_context().get_node_id()
     return ray.remote(ServiceController).options(
         name=name, namespace=namespace, lifetime="detached", num_cpus=0, max_concurrency=1000,
+        max_restarts=-1,  # killed, it comes back and takes over the workers and routers (`recover`)
         scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
         # Ray warns of any ray.get in an async actor, even in the threads (asyncio.to_thread)
         # where the controller makes its blocking calls so that its event loop stays free.

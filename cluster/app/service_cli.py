@@ -2,7 +2,8 @@
 
 `deploy` creates the detached controller (see `cluster.app.service`) and returns once the router
 serves; the service then lives on without the terminal. The other commands find it by model
-name in its Ray namespace.
+name in its Ray namespace; `status --address HOST:PORT` asks a router's admin API instead, which
+works for `moe-serve serve` (one process, no controller actor) as well as for a deployment.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 
 from rich.console import Console
 
+from cluster.app.client_flags import add_client_flags, client_credentials
 from cluster.app.console import (
     decisions_table,
     events_table,
@@ -31,7 +33,8 @@ DEFAULT_NAMESPACE = RayConfig().namespace
 
 def add_service_parsers(sub) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--address", help="Ray cluster to join ('auto' or host:port); default: ray.address of the config")
+    common.add_argument("--address", "--ray-address", dest="address",
+                        help="Ray cluster to join ('auto' or host:port); default: ray.address of the config")
     common.add_argument("--namespace", help="Ray namespace of the deployment; default: ray.namespace of the config")
     p = sub.add_parser("deploy", parents=[common], help="start a long-lived service on a Ray cluster")
     p.add_argument("config", help="deployment YAML (model, workers, autoscaling, router)")
@@ -40,11 +43,20 @@ def add_service_parsers(sub) -> None:
     p.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP port of the router (router.http_port)")
     p.add_argument("--host", help="bind address of the router (router.host)")
     p.add_argument("--timeout-s", type=float, default=1800.0, help="give up when the service is not serving by then")
-    named = argparse.ArgumentParser(add_help=False)
-    named.add_argument("--address", default="auto", help="Ray cluster to join ('auto' or host:port)")
-    named.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="Ray namespace of the deployment")
-    named.add_argument("--model", default="moe", help="model name of the deployment")
-    p = sub.add_parser("status", parents=[named], help="workers, placement, load, autoscaler decisions, events")
+    by_name = argparse.ArgumentParser(add_help=False)  # a deployment found by name in Ray
+    by_name.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="Ray namespace of the deployment")
+    by_name.add_argument("--model", default="moe", help="model name of the deployment")
+    named = argparse.ArgumentParser(add_help=False, parents=[by_name])
+    named.add_argument("--address", "--ray-address", dest="ray_address", default="auto",
+                       help="Ray cluster to join ('auto' or host:port)")
+    p = sub.add_parser("status", parents=[by_name], help="workers, placement, load, autoscaler decisions, events "
+                       "(of a deployment found by name, or of any router with --address)")
+    p.add_argument("--address", metavar="HOST:PORT", help="ask this router's admin API (its gRPC port) instead of "
+                   "finding a deployment in Ray: works for `moe-serve serve` as well as `deploy`")
+    p.add_argument("--ray-address", default="auto", help="Ray cluster to find the deployment in, without --address "
+                   "('auto' or host:port)")
+    p.add_argument("--timeout-s", type=float, default=60.0, help="deadline of each admin call (with --address)")
+    add_client_flags(p)
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.add_argument("--watch", type=float, metavar="SECONDS", help="a live view, refreshed every SECONDS until Ctrl-C")
     p.add_argument("--png", metavar="FILE", help="also write a picture: per-expert load over time, placement, workers")
@@ -112,18 +124,27 @@ def cmd_deploy(args, console: Console) -> int:
 def _controller(args):
     from cluster.app.service import find_controller
 
-    _connect(args.address, args.namespace)
+    _connect(args.ray_address, args.namespace)
     return find_controller(args.model, args.namespace)
 
 
-def cmd_status(args, console: Console) -> int:
+def _status_source(args):
+    """`fetch() -> status dict`: over a router's admin API with `--address`, else from the
+    deployment's controller actor found by name in Ray."""
+    history = bool(args.png)
+    if args.address:
+        from router_service.admin_client import AdminClient
+
+        client = AdminClient(args.address, timeout_s=args.timeout_s, credentials=client_credentials(args))
+        return lambda: client.status(args.model, history=history)
     import ray
 
     controller = _controller(args)
+    return lambda: ray.get(controller.status.remote(history=history))
 
-    def fetch() -> dict:
-        return ray.get(controller.status.remote(history=bool(args.png)))
 
+def cmd_status(args, console: Console) -> int:
+    fetch = _status_source(args)
     status = fetch()
     if args.png:
         from cluster.app.status_picture import write_status_png

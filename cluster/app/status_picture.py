@@ -2,7 +2,8 @@
 
 Panels: per-expert load over time (a heatmap, hot experts bright, placement changes marked),
 the placement per worker (which worker holds a replica of which logical expert), and each
-worker's load and busy fraction now.
+worker's load and busy fraction over the load window (`rebalance.window_s`, the same window as the
+routed load in the title).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from matplotlib.figure import Figure
 
 from cluster.model_spec import expert_label
 
-PANELS = ("per-expert load over time", "placement per worker", "worker load now")
+PANELS = ("per-expert load over time", "placement per worker", "worker load")  # the last one + its window
 
 
 def write_status_png(status: dict, path: str | Path, dpi: int = 110) -> list[str]:
@@ -28,12 +29,18 @@ def write_status_png(status: dict, path: str | Path, dpi: int = 110) -> list[str
     heat_ax, place_ax, worker_ax = figure.subplots(3, 1, height_ratios=(3, 2, 1.2))
     _load_heatmap(heat_ax, history, layers, num_experts)
     _placement(place_ax, status["placement"], layers, num_experts, status.get("num_shared_experts", 0))
-    _workers(worker_ax, status["workers"])
+    window = _window(status.get("window_s"))
+    _workers(worker_ax, status["workers"], window)
     figure.suptitle(
         f"moe-serve {status['model']}: placement v{status['placement_version']}, {len(status['workers'])} workers, "
-        f"{status['tokens_per_s']:,.0f} expert-tokens/s, balancedness {min(status['balancedness']):.2f}")
+        f"{status['tokens_per_s']:,.0f} expert-tokens/s{window}, balancedness {min(status['balancedness']):.2f}")
     figure.savefig(path, dpi=dpi)
     return [ax.get_title() for ax in (heat_ax, place_ax, worker_ax)]
+
+
+def _window(window_s: float | None) -> str:
+    """' over the last 5 s': the load window both the routed load and the worker rates cover."""
+    return "" if window_s is None else f" over the last {window_s:g} s"
 
 
 def _labels(layers, num_experts: int) -> list[str]:
@@ -82,8 +89,8 @@ def _placement(ax, placement: dict, layers, num_experts: int, shared: int = 0) -
     _ticks(ax, n, [expert_label(g, layers, num_experts, shared) for g in range(n)], axis="x")
 
 
-def _workers(ax, workers: list[dict]) -> None:
-    ax.set_title(PANELS[2])
+def _workers(ax, workers: list[dict], window: str) -> None:
+    ax.set_title(PANELS[2] + window)
     index = [w["index"] for w in workers]
     ax.bar(index, [w.get("tokens_per_s", 0.0) for w in workers], color="tab:blue", label="expert-tokens/s")
     ax.set_xlabel("worker")

@@ -48,6 +48,9 @@ class PlanReport:
     removed: list[tuple[int, int]]
 
 
+StatusSource = Callable[[bool], Awaitable[dict]]  # (history) -> what `moe-serve status` shows
+
+
 class ModelAdmin:
     def __init__(self, name: str, spec: ModelSpec, placements: PlacementSource, controller: Controller,
                  load: Callable[[float], LoadSnapshot], worker_stats: Callable[[], Awaitable[list[dict]]],
@@ -63,6 +66,9 @@ class ModelAdmin:
         self._worker_stats = worker_stats
         self._outstanding = outstanding
         self._clock = clock
+        # what `status` answers: set by whoever builds the whole (`ControlPlane.status`, and
+        # for `moe-serve serve` the launcher's, which adds the router's addresses)
+        self.status_source: StatusSource | None = None
 
     def __repr__(self) -> str:
         return f"ModelAdmin(model={self.name!r})"
@@ -121,3 +127,9 @@ class ModelAdmin:
 
     async def rebalance(self, force: bool = False) -> RebalanceEvent:
         return await self._controller.check(force=force, explain=True)
+
+    async def status(self, history: bool = False) -> dict:
+        """What `moe-serve status` shows (JSON-ready); with `history`, the per-expert load over time."""
+        if self.status_source is None:
+            raise RuntimeError(f"model '{self.name}': no status source was set (a wiring mistake)")
+        return await self.status_source(history)

@@ -22,7 +22,7 @@ from cluster.control.controller import Controller
 from cluster.control.metrics import ControlMetrics
 from cluster.control.observer import Observer
 from cluster.control.placement_hub import PlacementHub, RouterLink
-from cluster.control.rebalancer import Rebalancer
+from cluster.control.rebalancer import Rebalancer, copy_sources
 from cluster.control.scaler import Autoscaler, Reconciler, observe_fleet
 from cluster.control.supervisor import WorkerSupervisor
 from cluster.placement import Placement, slots_per_worker
@@ -86,8 +86,9 @@ class LoadFeed:
     def outstanding(self):
         return self.board.outstanding_tokens(self._hub.current.num_workers)
 
-    async def lost_workers(self) -> set[tuple[int, str | None]]:
-        """`(worker, incarnation)` the routers saw lost since the previous call (collects their reports)."""
+    async def lost_workers(self) -> tuple[set[tuple[int, str | None]], set[tuple[int, str | None]]]:
+        """`(worker, incarnation)` the routers saw lost, and saw hang, since the previous call
+        (collects their reports)."""
         await self.refresh()
         return self.board.take_lost_workers()
 
@@ -200,48 +201,86 @@ def _live_balancedness(hub: PlacementHub, feed: LoadFeed) -> float:
 
 
 async def start_control_plane(config: ServeConfig, progress: LoadProgress | None = None,
-                              worker_cls: type[ExpertWorker] = ExpertWorker) -> ControlPlane:
+                              worker_cls: type[ExpertWorker] = ExpertWorker, detached: bool = False) -> ControlPlane:
     """Start the workers, load the first placement into them, and build the decision loops
     (not started: `start_loops()` once a router is attached). Needs Ray connected.
-    `worker_cls`: a subclass of `ExpertWorker` only to inject faults in tests."""
+    `worker_cls`: a subclass of `ExpertWorker` only to inject faults in tests; `detached`: the
+    workers outlive this process (`adopt_control_plane` takes them over)."""
     weights = weights_for(config)
     spec = weights.spec
-    slots = slots_per_worker(spec.num_logical_experts, config.workers.bounds[0], config.workers.slots_per_worker,
-                             config.rebalance.min_replicas)
-    placement = Placement.round_robin(spec.num_logical_experts, config.workers.count, slots, config.rebalance.min_replicas)
-    pool = ExpertPool(config.model.name, weights, config.workers, config.ray.namespace, worker_cls)
+    slots = _slots(config, spec)
+    placement = Placement.round_robin(spec.num_logical_experts, config.workers.count, slots,
+                                      config.rebalance.min_replicas)
+    pool = ExpertPool(config.model.name, weights, config.workers, config.ray.namespace, worker_cls, detached)
     try:
         pool.request_capacity(config.workers.count)
         await asyncio.to_thread(pool.start, config.workers.count)
         loaded = await asyncio.to_thread(pool.load, placement, progress)
         log.info("loaded %.1f MiB of expert weights into %d workers", loaded / 2**20, config.workers.count)
-        hub = PlacementHub(placement)
-        await hub.set_workers(pool.refs)
-        feed = LoadFeed(hub, LoadBoard(spec.num_moe_layers, spec.num_experts, config.rebalance.window_s,
-                                       started_s=time.monotonic(),
-                                       placed=spec.placed_load if spec.num_shared_experts else None))
-        rebalance = config.rebalance
-        rebalancer = Rebalancer(hub, pool, rebalance.max_loads_per_step, rebalance.copy_from_live)
-        controller = Controller(hub, feed.snapshot, rebalancer, [slots] * config.workers.count, rebalance,
-                                worker_nodes=pool.worker_nodes(), refresh=feed.refresh)
-        reconciler = Reconciler(pool, hub, controller, rebalancer, slots, config.autoscaling.start_timeout_s)
-        observe = observe_fleet(pool, feed, lambda: _live_balancedness(hub, feed),
-                                lambda: rebalancer.busy or reconciler.busy)
-        autoscaler = Autoscaler(reconciler, pool, observe, config.autoscaling, config.workers.bounds)
-        admin = ModelAdmin(config.model.name, spec, hub, controller, feed.snapshot, pool.stats_async,
-                           feed.outstanding, refresh=feed.refresh)
-        supervisor = WorkerSupervisor(pool, hub, rebalancer, lambda: controller.capacity,
-                                      lambda: feed.snapshot(time.monotonic()).placement_load.reshape(-1),
-                                      feed.lost_workers, config.workers.health_check_interval_s,
-                                      config.workers.health_check_timeout_s, config.workers.health_check_misses)
-        observer = Observer(hub, feed, pool.stats_async, lambda: pool.pending,
-                            _control_metrics(config, spec, controller, reconciler, supervisor),
-                            config.monitoring.interval_s, config.monitoring.history_s)
+        pool.start_spares()
+        return await _assemble(config, weights, pool, placement, slots)
     except BaseException:
         pool.shutdown()
         raise
-    return ControlPlane(config, weights, pool, hub, feed, rebalancer, controller, reconciler, autoscaler,
-                        admin, observer, supervisor, slots)
+
+
+async def adopt_control_plane(config: ServeConfig, placement: Placement) -> ControlPlane:
+    """The control plane of a deployment whose workers (detached) still run, for a controller
+    that came back: `placement` is the one its routers serve; each worker's replicas are checked
+    against it (missing ones loaded, from live replicas where there are; extra ones, a migration
+    cut short, released), and workers beyond it (a scale-out cut short) are stopped."""
+    weights = weights_for(config)
+    pool = ExpertPool(config.model.name, weights, config.workers, config.ray.namespace, detached=True)
+    infos = await pool.adopt(placement.num_workers)
+    for worker, info in enumerate(infos):
+        want, have = {e for _, e in placement.experts_of(worker)}, set(info["hosted"])
+        if want - have:
+            missing = sorted(want - have)
+            await pool.load_replicas(worker, missing, copy_sources(placement, worker, missing, frozenset()))
+        if have - want:
+            await pool.release_replicas(worker, sorted(have - want))
+    pool.request_capacity(placement.num_workers)
+    pool.start_spares()
+    return await _assemble(config, weights, pool, placement, _slots(config, weights.spec))
+
+
+def _slots(config: ServeConfig, spec) -> int:
+    return slots_per_worker(spec.num_logical_experts, config.workers.bounds[0], config.workers.slots_per_worker,
+                            config.rebalance.min_replicas)
+
+
+async def _assemble(config: ServeConfig, weights: WeightSource, pool: ExpertPool, placement: Placement,
+                    slots: int) -> ControlPlane:
+    """The decision loops over `pool` serving `placement` (not started)."""
+    spec = weights.spec
+    workers = placement.num_workers
+    hub = PlacementHub(placement)
+    await hub.set_workers(pool.refs)
+    feed = LoadFeed(hub, LoadBoard(spec.num_moe_layers, spec.num_experts, config.rebalance.window_s,
+                                   started_s=time.monotonic(),
+                                   placed=spec.placed_load if spec.num_shared_experts else None))
+    rebalance = config.rebalance
+    rebalancer = Rebalancer(hub, pool, rebalance.max_loads_per_step, rebalance.copy_from_live)
+    controller = Controller(hub, feed.snapshot, rebalancer, [slots] * workers, rebalance,
+                            worker_nodes=pool.worker_nodes(), refresh=feed.refresh)
+    reconciler = Reconciler(pool, hub, controller, rebalancer, slots, config.autoscaling.start_timeout_s)
+    observe = observe_fleet(pool, feed, lambda: _live_balancedness(hub, feed),
+                            lambda: rebalancer.busy or reconciler.busy)
+    autoscaler = Autoscaler(reconciler, pool, observe, config.autoscaling, config.workers.bounds)
+    admin = ModelAdmin(config.model.name, spec, hub, controller, feed.snapshot, pool.stats_async,
+                       feed.outstanding, refresh=feed.refresh)
+    supervisor = WorkerSupervisor(pool, hub, rebalancer, lambda: controller.capacity,
+                                  lambda: feed.snapshot(time.monotonic()).placement_load.reshape(-1),
+                                  feed.lost_workers, config.workers.health_check_interval_s,
+                                  config.workers.health_check_timeout_s, config.workers.health_check_misses,
+                                  hung_after_s=config.router.share_timeout_s)
+    observer = Observer(hub, feed, pool.stats_async, lambda: pool.pending,
+                        _control_metrics(config, spec, controller, reconciler, supervisor),
+                        config.monitoring.interval_s, config.monitoring.history_s, config.rebalance.window_s)
+    plane = ControlPlane(config, weights, pool, hub, feed, rebalancer, controller, reconciler, autoscaler,
+                         admin, observer, supervisor, slots)
+    admin.status_source = plane.status  # the admin API's GetStatus (a root may add to it)
+    return plane
 
 
 def _control_metrics(config: ServeConfig, spec, controller: Controller, reconciler: Reconciler,

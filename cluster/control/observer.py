@@ -1,6 +1,10 @@
 """The control plane's eyes: every `interval_s` it collects the routers' load and the workers'
 counters, sets the metrics (`cluster.control.metrics.ControlMetrics`), and keeps a bounded history of
-per-expert load for the status picture (`moe-serve status --png`)."""
+per-expert load for the status picture (`moe-serve status --png`).
+
+One window for everything it shows: the routed load is summed over `rebalance.window_s`, and each
+worker's tokens/s and busy fraction are rated over the same window (between the oldest and the
+newest of its looks within it), so a burst stays visible for the whole window, not for one look."""
 
 from __future__ import annotations
 
@@ -31,10 +35,59 @@ class LoadPoint:
     version: int
 
 
+@dataclass(frozen=True)
+class WorkerLook:
+    """One look at a worker's counters: monotonic time, tokens computed, seconds busy (since start)."""
+
+    at_s: float
+    tokens: int
+    busy_s: float
+
+
+class WorkerRates:
+    """Each worker's tokens/s and busy fraction over the last `window_s`: the looks within the
+    window are kept and the rate is taken between the oldest and the newest (the previous look
+    is always kept, so a window shorter than the looks' interval rates between two looks).
+    A worker whose counters went back (Ray restarted it) starts again from its new look; one
+    that did not answer (`down`: its counters read as zeros) shows 0 and its looks are kept."""
+
+    def __init__(self, window_s: float):
+        if window_s <= 0:
+            raise ValueError(f"window_s must be > 0, got {window_s}")
+        self.window_s = window_s
+        self._looks: dict[int, deque[WorkerLook]] = {}
+
+    def rate(self, stats: list[dict], now_s: float) -> dict[int, tuple[float, float]]:
+        """`{worker index: (tokens_per_s, busy_fraction)}` over the window ending `now_s`, from
+        each worker's `stats()` (`index`, `tokens`, `busy_s`); workers not in `stats` are forgotten."""
+        out = {}
+        for s in stats:
+            index = int(s["index"])
+            if s.get("down"):  # no counters this time (lost, restarting, or slow to answer)
+                out[index] = (0.0, 0.0)
+                continue
+            look = WorkerLook(now_s, int(s["tokens"]), float(s["busy_s"]))
+            looks = self._looks.setdefault(index, deque())
+            if looks and (look.tokens < looks[-1].tokens or look.busy_s < looks[-1].busy_s):
+                looks.clear()  # new (or restarted) worker: its counters began again
+            looks.append(look)
+            while len(looks) > 2 and looks[0].at_s < now_s - self.window_s:
+                looks.popleft()
+            first = looks[0]
+            span_s = look.at_s - first.at_s
+            if span_s <= 0:
+                out[index] = (0.0, 0.0)
+            else:
+                out[index] = ((look.tokens - first.tokens) / span_s, min(1.0, (look.busy_s - first.busy_s) / span_s))
+        live = {int(s["index"]) for s in stats}
+        self._looks = {i: v for i, v in self._looks.items() if i in live}
+        return out
+
+
 class Observer:
     def __init__(self, hub: PlacementHub, feed, worker_stats: Callable[[], Awaitable[list[dict]]],
                  pending: Callable[[], int], metrics: ControlMetrics | None, interval_s: float,
-                 history_s: float, clock: Callable[[], float] = time.monotonic):
+                 history_s: float, window_s: float, clock: Callable[[], float] = time.monotonic):
         self._hub = hub
         self._feed = feed
         self._worker_stats = worker_stats
@@ -46,8 +99,8 @@ class Observer:
         shape = feed.snapshot(clock()).expert_tokens.shape
         points = max(10, min(int(history_s / interval_s), HISTORY_VALUES // max(1, shape[0] * shape[1])))
         self.history: deque[LoadPoint] = deque(maxlen=points)
-        self.workers: list[dict] = []  # the latest per-worker rates
-        self._last: dict[int, tuple[float, dict]] = {}
+        self.workers: list[dict] = []  # the latest per-worker rates, over `window_s`
+        self._worker_rates = WorkerRates(window_s)
         self._loop = Periodic("observer", interval_s, self.look, first_now=True)
 
     def __repr__(self) -> str:
@@ -69,23 +122,15 @@ class Observer:
             self._metrics.router_workers(self._feed.board.router_workers(now))
 
     def _rates(self, stats: list[dict], now: float) -> list[dict]:
-        """Per worker: tokens/s and busy fraction since the previous look; tokens in hand now."""
+        """Per worker: tokens/s and busy fraction over the load window; tokens in hand now."""
         outstanding = self._feed.outstanding()
+        rates = self._worker_rates.rate(stats, now)
         out = []
         for s in stats:
             index = int(s["index"])
-            before_s, before = self._last.get(index, (None, None))
-            if before is None or s["tokens"] < before["tokens"]:  # new (or replaced) worker
-                tps = busy = 0.0
-            else:
-                dt = max(now - before_s, 1e-9)
-                tps = (s["tokens"] - before["tokens"]) / dt
-                busy = min(1.0, (s["busy_s"] - before["busy_s"]) / dt)
-            self._last[index] = (now, s)
+            tps, busy = rates[index]
             queued = int(outstanding[index]) if index < len(outstanding) else 0
             out.append({"index": index, "tokens_per_s": tps, "busy_fraction": busy, "outstanding_tokens": queued})
-        live = {int(s["index"]) for s in stats}
-        self._last = {i: v for i, v in self._last.items() if i in live}
         return out
 
     def history_dict(self) -> dict:

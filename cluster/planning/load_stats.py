@@ -108,6 +108,7 @@ class RouterReport:
     generation: GenerationLoad | None = None
     routable_workers: int = 0  # workers the router may send to now
     serving_workers: int = 0  # of which got a share recently
+    hung_workers: tuple[tuple[int, str | None], ...] = ()  # (worker, incarnation) that missed a share's deadline
 
 
 class LoadBoard:
@@ -131,6 +132,7 @@ class LoadBoard:
         self._generated: deque[tuple[float, int]] = deque(maxlen=4096)  # (at_s, output tokens)
         self._latest: dict[str, tuple[float, RouterReport]] = {}
         self._lost: set[tuple[int, str | None]] = set()
+        self._hung: set[tuple[int, str | None]] = set()
 
     def report(self, report: RouterReport, now_s: float) -> None:
         for moe_index, counts in enumerate(np.asarray(report.expert_tokens)):
@@ -143,11 +145,13 @@ class LoadBoard:
             self._generated.append((now_s, report.generation.output_tokens))
         self._latest[report.router_id] = (now_s, report)
         self._lost.update(report.lost_workers)
+        self._hung.update(report.hung_workers)
 
-    def take_lost_workers(self) -> set[tuple[int, str | None]]:
-        """`(worker, incarnation)` the routers saw lost since the previous call."""
-        lost, self._lost = self._lost, set()
-        return lost
+    def take_lost_workers(self) -> tuple[set[tuple[int, str | None]], set[tuple[int, str | None]]]:
+        """`(worker, incarnation)` the routers saw lost, and saw miss a share's deadline (hung),
+        since the previous call."""
+        lost, hung, self._lost, self._hung = self._lost, self._hung, set(), set()
+        return lost, hung
 
     def forget(self, router_id: str) -> None:
         self._latest.pop(router_id, None)

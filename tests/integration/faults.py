@@ -19,11 +19,14 @@ from workers.worker import ExpertWorker
 POISON = 1234.5  # a token whose first value is this kills every worker that computes it
 SLOW = 4321.5  # a token whose first value is this holds its workers for SLOW_S
 SLOW_S = 2.0
+HANG = 5678.5  # a token whose first value is this hangs worker HANG_WORKER forever inside its math
+HANG_WORKER = 1
 
 
 class FaultyWorker(ExpertWorker):
     """An expert worker whose process exits (as on a segfault or OOM kill) when its share of a
-    batch contains the poison token, and that computes slowly when it contains the slow one."""
+    batch contains the poison token, that computes slowly when it contains the slow one, and
+    that hangs forever in its math (worker HANG_WORKER only) when it contains the hang token."""
 
     def forward(self, x: np.ndarray, share, call_id=None):
         if call_id is not None and call_id in self._skip:  # given up on: no fault, no wait
@@ -34,6 +37,13 @@ class FaultyWorker(ExpertWorker):
         if np.any(first == SLOW):
             time.sleep(SLOW_S)
         return super().forward(x, share, call_id)
+
+
+    def _compute(self, x, share, start):
+        if self.index == HANG_WORKER and np.any(x[share.token_idx, 0] == HANG):
+            while True:  # a hang inside the expert math: only killing the process ends it
+                time.sleep(60)
+        return super()._compute(x, share, start)
 
 
 def register() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -118,6 +119,38 @@ def test_infer_for_an_unknown_model_exits_1_with_the_status(serve_process: Serve
     done = _infer(serve_process.address, "--model", "nope", "--layer", "0", "--tokens", "2")
     assert done.returncode == 1, done.stdout + done.stderr
     assert "NOT_FOUND" in done.stdout and "'nope'" in done.stdout
+
+
+def test_status_with_address_asks_the_router_of_an_in_process_deployment(main_server, tmp_path: Path) -> None:
+    """`moe-serve status --address`: the admin API's GetStatus, for a service with no controller
+    actor to find by name (as `moe-serve serve` runs it)."""
+
+    def status(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([MOE_SERVE, "status", "--address", main_server.address, "--model", main_server.name,
+                               *args], capture_output=True, text=True, timeout=120, env=_env())
+
+    table = status()
+    assert table.returncode == 0, table.stdout + table.stderr
+    placement = main_server.deployment.placement
+    for text in (f"moe-serve: {main_server.name}", "workers (serving / pending)", "2 / 0",
+                 f"placement of {main_server.name} (v{placement.version})", main_server.address):
+        assert text in table.stdout, f"{text!r} not in:\n{table.stdout}"
+
+    done = status("--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = json.loads(done.stdout)
+    assert (data["model"], data["address"]) == (main_server.name, main_server.address)
+    assert [w["index"] for w in data["workers"]] == [0, 1]
+    assert data["placement"]["slots"] == [list(row) for row in main_server.deployment.placement.slots]
+    assert data["router_fleet"][0]["address"] == main_server.address and data["layers"] == [0, 1]
+
+    picture = tmp_path / "status.png"
+    drawn = status("--png", str(picture))
+    assert drawn.returncode == 0 and picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", drawn.stdout + drawn.stderr
+
+    unknown = subprocess.run([MOE_SERVE, "status", "--address", main_server.address, "--model", "nope"],
+                             capture_output=True, text=True, timeout=120, env=_env())
+    assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stdout and "'nope'" in unknown.stdout
 
 
 def test_sigterm_drains_and_exits_0(serve_process: ServeProcess) -> None:

@@ -43,8 +43,8 @@ def replicated(deploy_served, server_loop) -> Iterator[Served]:
     """3 poisonable workers, every expert replicated twice, no automatic rebalancing."""
     faults.register()
     start, stop = deploy_served
-    config = serve_config("it-faults", random=FAULT_RANDOM, workers=3).with_overrides(**{
-        "rebalance.enabled": False, "workers.slots_per_worker": 6,
+    config = serve_config("it-faults", random=FAULT_RANDOM, workers=3, router={"share_timeout_s": 1.5}).with_overrides(**{
+        "rebalance.enabled": False, "workers.slots_per_worker": 6, "router.max_wait_ms": 20.0,
     })
     served = start(config, worker_cls=faults.FaultyWorker)
     deployment = served.deployment
@@ -185,3 +185,87 @@ def test_without_a_live_replica_requests_fail_fast_then_serve_again(single: Serv
     _wait_recovered(single, 1, killed_at)
     _assert_every_layer_right(single)
 
+
+
+@pytest.fixture(scope="module")
+def redundant(deploy_served, server_loop) -> Iterator[Served]:
+    """6 poisonable workers, every expert on 4 of them: a poison token kills up to top_k = 2
+    workers a try, and every expert keeps live replicas for the innocent requests."""
+    faults.register()
+    start, stop = deploy_served
+    config = serve_config("it-faults-redundant", random=FAULT_RANDOM, workers=6,
+                          router={"max_wait_ms": 30.0, "max_retries": 2}).with_overrides(**{
+        "rebalance.enabled": False, "rebalance.min_replicas": 4, "workers.slots_per_worker": 6,
+        "workers.num_cpus": 0.25,
+    })
+    served = start(config, worker_cls=faults.FaultyWorker)
+    yield served
+    stop(served)
+
+
+def test_a_poison_request_batched_with_innocent_ones_fails_alone(redundant: Served) -> None:
+    """The poison (one token) and five innocent requests arrive together and are batched
+    (max_wait_ms): the lost shares are retried with each request on workers of its own, the
+    likeliest killer first on workers the others avoid, so only the poison fails."""
+    import threading
+
+    replicated = redundant
+    wait_until(lambda: _all_up(replicated), 30, "every worker up before the poison")
+    H = replicated.spec.hidden_size
+    xs = [hidden_states(6, H, seed=40 + i) for i in range(6)]
+    xs[3] = hidden_states(1, H, seed=46)
+    xs[3][0, 0] = faults.POISON
+    results: list = [None] * 6
+
+    def send(i: int) -> None:
+        try:
+            results[i] = replicated.client.infer(replicated.name, xs[i], layer=0, timeout_s=30).hidden_states
+        except grpc.RpcError as err:
+            results[i] = err
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+
+    assert isinstance(results[3], grpc.RpcError) and results[3].code() == grpc.StatusCode.UNAVAILABLE
+    for i in (0, 1, 2, 4, 5):
+        assert not isinstance(results[i], BaseException), (i, results[i])
+        want, _, _ = replicated.expected(0, xs[i])
+        assert float((want - results[i]).abs().max() / want.abs().max()) < 1e-4
+    wait_until(lambda: _all_up(replicated), 60, "the poisoned workers back")
+
+
+def test_a_hung_worker_is_routed_around_and_restarted(replicated: Served) -> None:
+    """Worker 1 hangs forever inside its math on one request: that request and the load around
+    it are served by the other replicas once the share's deadline passes, and the supervisor
+    restarts the worker, which serves again."""
+    wait_until(lambda: _all_up(replicated), 30, "every worker up before the hang")
+    name = worker_name(replicated.name, faults.HANG_WORKER)
+    restarts_before = faults.restarts(name)
+    driver = _driver(replicated, seed=21).start()
+    try:
+        wait_until(lambda: driver.count() >= 10, 60, "requests before the hang")
+        x = hidden_states(24, replicated.spec.hidden_size, seed=9)
+        x[:, 0] = faults.HANG  # every share with these rows hangs worker 1
+        hung_at = time.monotonic()
+        got = replicated.client.infer(replicated.name, x, layer=0, timeout_s=60)
+        served_s = time.monotonic() - hung_at
+        want, _, _ = replicated.expected(0, x)
+        assert float((want - got.hidden_states).abs().max() / want.abs().max()) < 1e-4
+        wait_until(lambda: faults.restarts(name) > restarts_before, 30, "the hung worker restarted")
+        _wait_recovered(replicated, faults.HANG_WORKER, hung_at)
+        calls = _worker_calls(replicated, faults.HANG_WORKER)
+        wait_until(lambda: _worker_calls(replicated, faults.HANG_WORKER) > calls, 30, "calls to the restarted worker")
+    finally:
+        tally = driver.stop()
+
+    assert set(tally) == {"OK"}, (tally, driver.errors[:5])
+    assert served_s < 15, f"the hung request was served after {served_s:.1f}s"
+    kinds = [e.kind for e in replicated.deployment.plane.supervisor.events if faults.HANG_WORKER in e.workers]
+    assert "lost" in kinds and kinds[-1] == "reloaded", kinds
+
+
+def _worker_calls(served: Served, worker: int) -> int:
+    return next(s["calls"] for s in served.deployment.pool.stats() if s["index"] == worker)

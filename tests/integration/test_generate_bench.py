@@ -31,8 +31,8 @@ def test_a_quick_generation_bench_measures_every_workload_and_system(tmp_path: P
                           capture_output=True, text=True, timeout=240, check=False,
                           env={**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"})
     assert done.returncode == 0 and out.exists(), done.stderr[-3000:]
+    assert out.read_text() in done.stdout  # the JSON printed is the JSON written
     report = json.loads(out.read_text())
-    assert json.loads(done.stdout) == report  # the JSON printed is the JSON written
 
     machine = report["machine"]
     assert machine["cpus"] > 0 and machine["torch"] and machine["transformers"] and machine["ray"], machine

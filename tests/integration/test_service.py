@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -95,9 +96,10 @@ def test_actors_read_well_in_the_ray_dashboard(service):
     assert mine <= named, (mine, named)
     reprs = {name: ray.get(ray.get_actor(name, namespace=NAMESPACE).__ray_call__.remote(lambda self: repr(self)),
                            timeout=30) for name in sorted(mine)}
-    assert reprs[controller_name(service.name)].startswith("ServiceController(model='it-svc'")
-    assert reprs[router_name(service.name)] == f"RouterActor(model='it-svc', address={service.address})"
-    assert reprs[worker_name(service.name, 1)].startswith("ExpertWorker(index=1, replicas=")
+    # Ray shows the repr recorded at creation forever: nothing in it may change later
+    assert reprs[controller_name(service.name)] == "ServiceController(model='it-svc')"
+    assert reprs[router_name(service.name)] == f"RouterActor(model='it-svc', name='{router_name(service.name)}')"
+    assert re.fullmatch(r"ExpertWorker\(index=1, device=cpu, pid=\d+\)", reprs[worker_name(service.name, 1)])
 
 
 def test_scaling_by_hand_under_load_loses_no_request(service):
@@ -172,7 +174,8 @@ def test_deploy_status_scale_shutdown_from_the_command_line(ray_cluster, tmp_pat
     env = dict(os.environ, COLUMNS="200", RAY_AUTH_MODE="disabled")
 
     def cli(*args: str, timeout_s: float = 180) -> subprocess.CompletedProcess:
-        return subprocess.run([MOE_SERVE, *args, "--address", gcs, "--namespace", NAMESPACE], env=env,
+        # --ray-address: every service command's Ray cluster (`status --address` names a router)
+        return subprocess.run([MOE_SERVE, *args, "--ray-address", gcs, "--namespace", NAMESPACE], env=env,
                               capture_output=True, text=True, timeout=timeout_s)
 
     deployed = cli("deploy", str(path))
@@ -181,6 +184,10 @@ def test_deploy_status_scale_shutdown_from_the_command_line(ray_cluster, tmp_pat
     # the command has exited; the service lives on, owned by its detached controller
     status = json.loads(cli("status", "--model", name, "--json").stdout)
     assert len(status["workers"]) == 2 and status["routers"] == [router_name(name)]
+    # the same status through the router's admin API (GetStatus: the router asks the controller)
+    via_router = json.loads(cli("status", "--address", status["address"], "--model", name, "--json").stdout)
+    assert via_router["routers"] == status["routers"] and via_router["placement"] == status["placement"]
+    assert via_router["router_fleet"] == status["router_fleet"] and len(via_router["workers"]) == 2
     with MoEClient(status["address"]) as client:
         client.wait_ready(30)
         x = np.ones((4, SVC_RANDOM["hidden"]), dtype=np.float32)

@@ -8,6 +8,7 @@ nothing of the server's internals.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import subprocess
 import sys
@@ -97,7 +98,14 @@ def servicer(store, controller) -> AdminServicer:
 
     admin = ModelAdmin(MODEL, SPEC, store, controller, lambda now_s: snapshot, worker_stats,
                        lambda: np.array([7, 0]), clock=lambda: NOW_S)
+    admin.status_source = fake_status
     return AdminServicer({MODEL: admin}, clock=lambda: NOW_S)
+
+
+async def fake_status(history: bool) -> dict:
+    """A status as the control plane gives it (abridged)."""
+    return {"model": MODEL, "placement_version": 0, "workers": [{"index": 0, "tokens_per_s": 1.5}],
+            "balancedness": [0.5, 1.0], **({"history": {"t_s": [1.0], "versions": [0]}} if history else {})}
 
 
 def call(servicer: AdminServicer, method: str, request):
@@ -214,6 +222,22 @@ def test_forced_rebalance_applies(servicer, store):
     assert (event.from_version, event.to_version) == (0, 1) == (0, store.current.version)
 
 
+def test_get_status_is_the_status_as_json(servicer):
+    response = call(servicer, "GetStatus", admin_pb2.StatusRequest(model=MODEL))
+    assert response.model == MODEL
+    status = json.loads(response.status_json)
+    assert status["workers"] == [{"index": 0, "tokens_per_s": 1.5}] and status["balancedness"] == [0.5, 1.0]
+    assert "history" not in status, "the load history only when asked for (it can be large)"
+    with_history = json.loads(call(servicer, "GetStatus", admin_pb2.StatusRequest(model=MODEL, history=True)).status_json)
+    assert with_history["history"] == {"t_s": [1.0], "versions": [0]}
+
+
+def test_a_model_admin_without_a_status_source_is_a_wiring_mistake(store, controller):
+    admin = ModelAdmin(MODEL, SPEC, store, controller, lambda now_s: None, None, lambda: np.zeros(2))
+    with pytest.raises(RuntimeError, match="no status source"):
+        asyncio.run(admin.status())
+
+
 # ---- errors -------------------------------------------------------------------------------
 
 ALL_CALLS = [
@@ -222,6 +246,7 @@ ALL_CALLS = [
     ("PlanPlacement", admin_pb2.PlanRequest),
     ("ApplyPlacement", admin_pb2.ApplyRequest),
     ("Rebalance", admin_pb2.RebalanceRequest),
+    ("GetStatus", admin_pb2.StatusRequest),
 ]
 
 
@@ -307,6 +332,9 @@ class BrokenAdmin:
         raise ConnectionError("/secret/internal/path")
 
     async def rebalance(self, force=False):
+        raise RuntimeError("/secret/internal/path")
+
+    async def status(self, history=False):
         raise RuntimeError("/secret/internal/path")
 
 

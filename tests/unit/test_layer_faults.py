@@ -39,6 +39,7 @@ class InProcessBackend:
         self.hold: asyncio.Event | None = None
         self.poison: set[int] = set()  # batch rows that kill whichever worker computes them
         self.killed: list[int] = []
+        self.hang: set[int] = set()  # workers whose calls never answer
 
     @property
     def down(self) -> frozenset[int]:
@@ -47,6 +48,9 @@ class InProcessBackend:
     def mark_lost(self, worker: int, incarnation: str | None) -> bool:
         self._down.add(worker)
         return True
+
+    def incarnation(self, worker: int) -> str:
+        return f"incarnation-{worker}"
 
     def share(self, x: np.ndarray) -> np.ndarray:
         return x
@@ -57,6 +61,8 @@ class InProcessBackend:
             await self.hold.wait()
         if request.worker in self.lost:
             raise WorkerLost(request.worker, "was lost (test)")
+        if request.worker in self.hang:
+            await asyncio.Event().wait()  # never answers
         if self.poison & set(request.share.token_idx.tolist()):
             self.lost.add(request.worker)  # the process died with the share
             self.killed.append(request.worker)
@@ -170,3 +176,31 @@ def test_a_poison_request_fails_alone_and_the_requests_batched_with_it_are_serve
     assert _rel(out.hidden[innocent], want[innocent]) < TOL
     assert len(backend.killed) <= SPEC.top_k * 2 and isinstance(out.failure, WorkerLost)
 
+
+
+def test_a_share_past_its_deadline_goes_to_another_replica_and_its_worker_counts_as_hung(model):
+    layer, backend = _layer(model, [[0, 1, 2, 3], [0, 1, 2, 3]], share_timeout_s=0.2)
+    backend.hang.add(1)
+    x = _x(40, seed=6)
+
+    async def timed():
+        start = asyncio.get_running_loop().time()
+        out = await layer.forward(0, x)
+        return out, asyncio.get_running_loop().time() - start
+
+    out, took_s = asyncio.run(timed())
+
+    want, _ = ReferenceMoE(model).forward(0, x)
+    assert out.failed is None and _rel(out.hidden, want) < TOL
+    assert 0.2 <= took_s < 2.0
+    assert layer.hung_workers == {(1, "incarnation-1")} and not layer.lost_workers
+    assert backend.down == {1}
+
+
+def test_the_deadline_follows_what_a_worker_took_lately(model):
+    layer, _ = _layer(model, [[0, 1, 2, 3]], share_timeout_s=0.5, share_timeout_factor=10.0)
+
+    assert layer.share_deadline_s(0, 1000) == 0.5, "no measure yet: the floor"
+    asyncio.run(layer.forward(0, _x(64, seed=7)))
+
+    assert 0.5 <= layer.share_deadline_s(0, 100) < layer.share_deadline_s(0, 10**7)

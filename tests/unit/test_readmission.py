@@ -104,16 +104,22 @@ class FakeHub:
 
 
 class FakeFleet:
-    def __init__(self, incarnations: list[str]):
+    def __init__(self, incarnations: list[str], computing_s: float = 0.0):
         self.incarnations = incarnations
         self.handles = [object() for _ in incarnations]
+        self.computing_s = computing_s
+        self.restarts: list[int] = []
+        self.spares: list = []  # no warm spares here
 
     @property
     def refs(self) -> list[WorkerRef]:
         return [WorkerRef(h, i) for h, i in zip(self.handles, self.incarnations)]
 
     async def probe(self, timeout_s: float) -> list[dict]:
-        return [{"incarnation": i} for i in self.incarnations]
+        return [{"incarnation": i, "computing_s": self.computing_s} for i in self.incarnations]
+
+    def restart(self, worker: int) -> None:
+        self.restarts.append(worker)
 
     def restarted(self, worker: int, info: dict) -> bool:
         return info["incarnation"] != self.incarnations[worker]
@@ -122,19 +128,20 @@ class FakeFleet:
         return self.incarnations[worker]
 
 
-def _supervisor(reported: set):
+def _supervisor(reported: set, hung: frozenset = frozenset(), computing_s: float = 0.0):
     from cluster.control.supervisor import WorkerSupervisor
 
-    fleet = FakeFleet(["a", "b2"])
-    hub = FakeHub(Placement.round_robin(4, 2), fleet.refs)
+    fleet = FakeFleet(["a", "b2"], computing_s)
+    hub = FakeHub(Placement.round_robin(4, 2, replicas=2), fleet.refs)  # losing one leaves every expert served
 
-    async def lost() -> set:
-        out = set(reported)
+    async def lost() -> tuple[set, set]:
+        out = set(reported), set(hung)
         reported.clear()
         return out
 
     supervisor = WorkerSupervisor(fleet, hub, rebalancer=None, capacity=lambda: [2, 2], load=lambda: np.zeros(4),
-                                  reported_lost=lost, interval_s=1.0, probe_timeout_s=1.0)
+                                  reported_lost=lost, interval_s=1.0, probe_timeout_s=1.0, hung_after_s=5.0)
+    supervisor.fleet = fleet
     return supervisor, hub
 
 
@@ -153,3 +160,20 @@ def test_a_worker_a_router_forgot_while_it_still_serves_is_handed_back():
 
     assert hub.told == ["readmit"]
     assert [(e.kind, e.workers) for e in supervisor.events] == [("readmitted", (1,))]
+
+
+def test_a_worker_still_computing_the_share_that_missed_its_deadline_is_restarted():
+    supervisor, hub = _supervisor(set(), hung=frozenset({(1, "b2")}), computing_s=12.0)
+
+    asyncio.run(supervisor.check())
+
+    assert supervisor.fleet.restarts == [1] and hub.told == ["down 1"]
+    assert "hangs (a share's math has run 12.0s); restarting it" in supervisor.events[0].detail
+
+
+def test_a_worker_that_was_only_slow_is_handed_back():
+    supervisor, hub = _supervisor(set(), hung=frozenset({(1, "b2")}), computing_s=0.0)
+
+    asyncio.run(supervisor.check())
+
+    assert supervisor.fleet.restarts == [] and hub.told == ["readmit"]

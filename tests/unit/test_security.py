@@ -123,6 +123,7 @@ def pki(tmp_path_factory) -> Pki:
     pytest.param("/inference.GRPCInferenceService/ServerLive", Access.INFERENCE, id="server-live"),
     pytest.param(ADMIN, Access.ADMIN, id="admin"),
     pytest.param("/moe.admin.v1.AdminService/GetLoad", Access.ADMIN, id="admin-read"),
+    pytest.param("/moe.admin.v1.AdminService/GetStatus", Access.ADMIN, id="admin-status"),  # names workers, nodes
     pytest.param(HEALTH, Access.OPEN, id="health-check"),
     pytest.param("/grpc.health.v1.Health/Watch", Access.OPEN, id="health-watch"),
     pytest.param(REFLECTION, Access.INFERENCE, id="reflection"),

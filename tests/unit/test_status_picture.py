@@ -16,7 +16,7 @@ def status(history_points: int) -> dict:
     rng = np.random.default_rng(0)
     return {
         "model": "pic", "placement_version": 3, "placement": placement, "layers": LAYERS, "num_experts": E,
-        "tokens_per_s": 1234.0, "balancedness": [0.9, 0.8],
+        "tokens_per_s": 1234.0, "window_s": 5.0, "balancedness": [0.9, 0.8],
         "workers": [{"index": 0, "tokens_per_s": 700.0, "busy_fraction": 0.4},
                     {"index": 1, "tokens_per_s": 500.0, "busy_fraction": 0.3}],
         "history": {
@@ -33,7 +33,8 @@ def test_status_png_is_valid_with_the_panels(tmp_path, points):
 
     titles = write_status_png(status(points), path)
 
-    assert titles == list(PANELS)
+    # the worker panel says its window: the routed load's (the title's), not one look
+    assert titles == [PANELS[0], PANELS[1], f"{PANELS[2]} over the last 5 s"]
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pixels = imread(path)
     assert pixels.shape[0] > 500 and pixels.shape[1] > 800

@@ -3,6 +3,8 @@ shard worker used as a plain object: load, forward, unload, export/load_from, st
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import ray
@@ -242,7 +244,7 @@ def test_stats_count_calls_and_tokens(worker: ExpertWorker) -> None:
 def test_repr_and_ready(worker: ExpertWorker) -> None:
     worker.load([0, 1])
 
-    assert repr(worker).startswith("ExpertWorker(index=3, replicas=2, device=cpu, pid=")
+    assert repr(worker) == f"ExpertWorker(index=3, device=cpu, pid={os.getpid()})", "only what never changes"
     ready = worker.ready()
     assert (ready["index"], ready["device"]) == (3, "cpu")
     assert isinstance(ready["pid"], int)
@@ -250,3 +252,8 @@ def test_repr_and_ready(worker: ExpertWorker) -> None:
         assert ready["node_id"] == ray.get_runtime_context().get_node_id()
     else:
         assert ready["node_id"] == "local", "outside Ray the worker names no node"
+    worker.assign(5)  # a spare's `assign`: Ray keeps the repr of the actor's start, so does the worker
+    assert (worker.ready()["index"], repr(worker)) == (5, f"ExpertWorker(index=3, device=cpu, pid={os.getpid()})")
+    spare = ExpertWorker(-1, RandomModel(SPEC, seed=11), torch_threads=1, device="cpu")  # pool.SPARE
+    assert repr(spare) == f"ExpertWorker(started as a spare, device=cpu, pid={os.getpid()})"
+
