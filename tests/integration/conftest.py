@@ -34,7 +34,8 @@ def ray_cluster() -> Iterator[None]:
     if ray.is_initialized():
         raise RuntimeError("Ray is already initialised in the test process; the integration tier owns it")
     # metrics reach the node's Prometheus endpoint within ~1 s instead of ~10 s
-    connect_ray(RayConfig(namespace=NAMESPACE), num_cpus=4, include_dashboard=False,
+    # logical CPUs: the modules keep several small deployments up at once (2 cores do the work)
+    connect_ray(RayConfig(namespace=NAMESPACE), num_cpus=8, include_dashboard=False,
                 _system_config={"metrics_report_interval_ms": 1000})
     yield
     ray.shutdown()

@@ -61,8 +61,14 @@ def serve_config(
 
 
 def run_on(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], timeout_s: float = 120.0) -> T:
-    """Run `coro` on the server's event loop (another thread) and wait for its result."""
-    return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout_s)
+    """Run `coro` on the server's event loop (another thread) and wait for its result; past
+    `timeout_s` it is cancelled (a deployment that never came up does not linger on)."""
+    future = asyncio.run_coroutine_threadsafe(coro, loop)
+    try:
+        return future.result(timeout_s)
+    except TimeoutError:
+        future.cancel()
+        raise
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.05) -> None:
