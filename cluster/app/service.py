@@ -30,12 +30,29 @@ from cluster.config import ServeConfig, validate_config
 from cluster.control.control_plane import ControlPlane, adopt_control_plane, start_control_plane
 from cluster.control.router_scaler import RouterScaler
 from cluster.placement import Placement
+from workers.worker import ExpertWorker
 
 log = logging.getLogger(__name__)
 
 ROUTER_WATCH_S = 1.0  # how often the controller checks that its routers serve
 
 __all__ = ["ServiceController", "controller_name", "create_controller", "find_controller", "router_name"]
+
+
+def _start_recovery(me: ray.actor.ActorHandle, deadline_s: float = 120.0) -> None:
+    """Call `recover` on this restarted controller from a thread of its own: until Ray has it
+    back up (its constructor must return first), the call can come back `ActorUnavailableError`
+    (Ray still counts it restarting), and is made again."""
+    give_up = time.monotonic() + deadline_s
+    while True:
+        try:
+            ray.get(me.recover.remote())
+            return
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > give_up:
+                log.error("could not reach this restarted controller to take over within %.0fs", deadline_s)
+                return
+            time.sleep(0.2)
 
 
 def controller_name(model: str) -> str:
@@ -46,8 +63,11 @@ class ServiceController:
     """The detached owner of one model's control plane (workers, placement, load, loops) and of
     its routers (a `RouterFleet` for `RouterScaler`)."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, worker_cls: type[ExpertWorker] = ExpertWorker):
+        """`worker_cls`: a subclass of `ExpertWorker` only to inject faults in tests and benchmarks
+        (kept by a restarted controller: Ray passes it the same arguments)."""
         self.config: ServeConfig = validate_config(config, source="deployment")
+        self._worker_cls = worker_cls
         self.plane: ControlPlane | None = None
         self.routers: RouterScaler | None = None
         self._progress = (0, 0)
@@ -57,9 +77,10 @@ class ServiceController:
         self._started_s = time.time()
         self._up: asyncio.Event | None = None  # set once it is in charge (started, or recovered)
         self.recovered_s: float | None = None  # how long taking over took, after Ray restarted it
+        self._recovering = False
         if ray.get_runtime_context().was_current_actor_reconstructed:  # Ray restarted this actor
             me = ray.get_runtime_context().current_actor
-            threading.Thread(target=lambda: me.recover.remote(), name="recover", daemon=True).start()
+            threading.Thread(target=_start_recovery, args=(me,), name="recover", daemon=True).start()
 
     def __repr__(self) -> str:
         return f"ServiceController(model={self.config.model.name!r})"
@@ -75,7 +96,7 @@ class ServiceController:
         workers and routers are detached: they outlive this actor, and a restarted one adopts
         them (`recover`)."""
         if self.plane is None:
-            self.plane = await start_control_plane(self.config, self._on_progress, detached=True)
+            self.plane = await start_control_plane(self.config, self._on_progress, self._worker_cls, detached=True)
             self._add_router_scaler()
         self._mark_in_charge()  # the routers it starts ask it for the placement
         while len(self._routers) < self.config.router.count:
@@ -85,13 +106,19 @@ class ServiceController:
 
     async def recover(self, attempts: int = 30) -> str | None:
         """Take over after Ray restarted this actor (see `_take_over`), trying again every second
-        while the deployment's actors cannot all be reached yet."""
+        while the deployment's actors cannot all be reached yet. Once only: a second call (the
+        first one's delivery was in doubt) waits for the first."""
+        if self._recovering or self.plane is not None:
+            await self._in_charge()
+            return self._address
+        self._recovering = True
         for attempt in range(1, attempts + 1):
             try:
                 return await self._take_over()
             except Exception:
                 log.exception("taking over the deployment failed (attempt %d of %d)", attempt, attempts)
                 await asyncio.sleep(1.0)
+        self._recovering = False
         return None
 
     async def _take_over(self) -> str:
@@ -104,7 +131,8 @@ class ServiceController:
         candidates = served + ([state.placement] if state is not None else [])
         if not candidates:
             raise RuntimeError("no router serves and no saved state: nothing to take over; redeploy")
-        self.plane = await adopt_control_plane(self.config, max(candidates, key=lambda p: p.version))
+        self.plane = await adopt_control_plane(self.config, max(candidates, key=lambda p: p.version),
+                                                self._worker_cls)
         self._add_router_scaler()
         if state is not None:
             self._restore(state)
@@ -371,8 +399,11 @@ def find_controller(model: str, namespace: str) -> ray.actor.ActorHandle:
         ) from None
 
 
-def create_controller(config: ServeConfig) -> ray.actor.ActorHandle:
-    """The detached controller of `config`'s model, on this node; ValueError if one runs."""
+def create_controller(config: ServeConfig, worker_cls: type[ExpertWorker] = ExpertWorker) -> ray.actor.ActorHandle:
+    """The detached controller of `config`'s model, on this node; ValueError if one runs.
+    `worker_cls`: a subclass of `ExpertWorker` only to inject faults in tests and benchmarks
+    (register its module with `ray.cloudpickle.register_pickle_by_value` first, so the
+    controller's process need not import it)."""
     name, namespace = controller_name(config.model.name), config.ray.namespace
     try:
         ray.get_actor(name, namespace=namespace)
@@ -391,4 +422,4 @@ def create_controller(config: ServeConfig) -> ray.actor.ActorHandle:
         # Ray warns of any ray.get in an async actor, even in the threads (asyncio.to_thread)
         # where the controller makes its blocking calls so that its event loop stays free.
         runtime_env={"env_vars": {"RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0"}},
-    ).remote(config.model_dump())
+    ).remote(config.model_dump(), worker_cls)

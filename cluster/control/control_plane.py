@@ -224,13 +224,15 @@ async def start_control_plane(config: ServeConfig, progress: LoadProgress | None
         raise
 
 
-async def adopt_control_plane(config: ServeConfig, placement: Placement) -> ControlPlane:
+async def adopt_control_plane(config: ServeConfig, placement: Placement,
+                              worker_cls: type[ExpertWorker] = ExpertWorker) -> ControlPlane:
     """The control plane of a deployment whose workers (detached) still run, for a controller
     that came back: `placement` is the one its routers serve; each worker's replicas are checked
     against it (missing ones loaded, from live replicas where there are; extra ones, a migration
-    cut short, released), and workers beyond it (a scale-out cut short) are stopped."""
+    cut short, released), and workers beyond it (a scale-out cut short) are stopped.
+    `worker_cls`: the class the deployment started with (new spares and workers are of it)."""
     weights = weights_for(config)
-    pool = ExpertPool(config.model.name, weights, config.workers, config.ray.namespace, detached=True)
+    pool = ExpertPool(config.model.name, weights, config.workers, config.ray.namespace, worker_cls, detached=True)
     infos = await pool.adopt(placement.num_workers)
     for worker, info in enumerate(infos):
         want, have = {e for _, e in placement.experts_of(worker)}, set(info["hosted"])

@@ -28,6 +28,7 @@ class FaultyWorker(ExpertWorker):
     batch contains the poison token, that computes slowly when it contains the slow one, and
     that hangs forever in its math (worker HANG_WORKER only) when it contains the hang token."""
 
+    @ray.method(enable_task_events=False)  # as the worker's own: no task event per share
     def forward(self, x: np.ndarray, share, call_id=None):
         if call_id is not None and call_id in self._skip:  # given up on: no fault, no wait
             return super().forward(x, share, call_id)
