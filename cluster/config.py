@@ -193,6 +193,8 @@ class RouterConfig(_Section):
     max_count: Annotated[int | None, Field(ge=1, description="most routers the autoscaler starts; default: count")] = None
     drain_s: Annotated[float, Field(ge=0, description="on SIGTERM (moe-serve serve): how long health says NOT_SERVING while requests are still served, so load balancers stop sending before the port closes")] = 5.0
     grace_s: Annotated[float, Field(ge=0, description="after the drain window: how long requests already in flight get to finish once new ones are refused")] = 10.0
+    shared_memory: Annotated[bool, Field(description="serve the system shared memory extension (KServe v2, as Triton defines it): clients on this machine register POSIX shared memory regions (/dev/shm), and layer requests read their input from and write their outputs to them instead of carrying the bytes (zero-copy for co-located clients); off, its RPCs answer UNIMPLEMENTED. Only with a loopback host, unless shared_memory_on_exposed_host")] = False
+    shared_memory_on_exposed_host: Annotated[bool, Field(description="allow shared_memory with a host that is not loopback: whoever reaches the port (with an inference token, when tokens are set) can then have the router map, read and write any shared memory object its user can open on this machine")] = False
 
 
     @model_validator(mode="after")
@@ -202,6 +204,18 @@ class RouterConfig(_Section):
             raise ValueError(f"router.min_count ({low}) exceeds router.max_count ({high})")
         if not low <= self.count <= high:
             raise ValueError(f"router.count ({self.count}) is outside router.min_count..router.max_count ({low}..{high})")
+        return self
+
+    @model_validator(mode="after")
+    def _shared_memory_stays_local(self) -> RouterConfig:
+        if self.shared_memory and not self.shared_memory_on_exposed_host and not is_loopback_host(self.host):
+            raise ValueError(
+                f"router.shared_memory ({self.shared_memory}) is on but router.host ({self.host!r}) is not a loopback "
+                f"address: whoever reaches the port could have the router map, read and write this machine's shared "
+                f"memory objects (only clients on this machine can use shared memory anyway). Bind router.host to "
+                f"127.0.0.1, or set router.shared_memory_on_exposed_host: true (now "
+                f"{self.shared_memory_on_exposed_host}) to allow it"
+            )
         return self
 
     @property

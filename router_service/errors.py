@@ -22,6 +22,11 @@ class UnknownModel(LookupError):
         return self.message
 
 
+class Unsupported(Exception):
+    """The request asks for something this server does not offer: an extension that is off (the
+    message says which setting turns it on) or that this router cannot offer at all."""
+
+
 class ServingError(Exception):
     """A request the service could not serve now; `str()` is the message for the client."""
 

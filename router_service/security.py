@@ -13,6 +13,8 @@ Server side (`security:` in the YAML, `cluster.config.SecurityConfig`):
   | `moe.admin.v1.AdminService`          | an admin token                                      |
   | everything else: inference, reflection | an inference token or an admin token              |
 
+  The shared memory extension's RPCs (`SystemSharedMemoryRegister`, ...) are inference calls, as
+  in Triton: a client registers memory of its own to send its tensors through.
   A missing, malformed or unknown token is UNAUTHENTICATED; an inference token on an admin call
   is PERMISSION_DENIED. Reflection is treated like inference: it describes the API, which the
   clients that may call it already know, and nobody else needs it.

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
+import torch
 from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -41,6 +42,7 @@ from router_service.admin_servicer import AdminOperations, AdminServicer
 from router_service.router import ModelRouter
 from router_service.security import ServerSecurity
 from router_service.servicer import InferenceServicer, RequestMetrics
+from router_service.shm import SharedMemoryOff, SharedMemoryRegistry
 
 if TYPE_CHECKING:
     from cluster.config import SecurityConfig
@@ -174,6 +176,7 @@ class RouterServer:
     port: int
     models: dict[str, ModelRouter]
     http: HttpFace | None = None
+    shared_memory: SharedMemoryRegistry | SharedMemoryOff = field(default_factory=SharedMemoryOff)
     _stopped: bool = field(default=False, repr=False)
 
     async def set_health(self, serving: bool) -> None:
@@ -222,6 +225,7 @@ class RouterServer:
             await asyncio.gather(self.server.stop(grace_s), self.http.stop(grace_s))
         else:
             await self.server.stop(grace_s)
+        self.shared_memory.close()  # every region is unmapped once the calls are done
         for model in self.models.values():
             await model.close()
 
@@ -234,6 +238,7 @@ async def start_server(
     models: dict[str, ModelRouter], host: str, port: int, max_message_bytes: int,
     admins: dict[str, AdminOperations] | None = None, serving: bool = False,
     metrics: RequestMetrics | None = None, security: SecurityConfig | None = None, reuse_port: bool = False,
+    shared_memory: bool = False,
 ) -> RouterServer:
     """Bind and start; health starts NOT_SERVING until `set_serving(True)` (or SERVING at
     once with `serving`). With `admins`, the admin service (load, placement, rebalance) is
@@ -241,7 +246,8 @@ async def start_server(
     `security`, its files are read now (ValueError naming the key and path) and the port
     speaks TLS and checks tokens as it says. `reuse_port`: other routers of the model may bind
     the same port on this node (SO_REUSEPORT: the kernel spreads the connections); otherwise a
-    port in use is an error."""
+    port in use is an error. `shared_memory`: serve the system shared memory extension (the
+    caller has checked the host, `cluster.config.RouterConfig`)."""
     secured = ServerSecurity.load(security)
     if not is_loopback_host(host) and secured.credentials is None and not secured.policy.open:
         log.warning("router on %s without TLS: bearer tokens cross the network in plaintext "
@@ -251,7 +257,8 @@ async def start_server(
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 1 if reuse_port else 0),  # several routers of one model on one node
     ])
-    _add_guarded(server, INFERENCE_DESCRIPTOR, InferenceServicer(models, metrics))
+    regions = SharedMemoryRegistry() if shared_memory else SharedMemoryOff()
+    _add_guarded(server, INFERENCE_DESCRIPTOR, InferenceServicer(models, metrics, regions, torch.cuda.is_available()))
     services = [INFERENCE_SERVICE]
     if admins is not None:
         _add_guarded(server, ADMIN_DESCRIPTOR, AdminServicer(admins))
@@ -269,7 +276,7 @@ async def start_server(
         bound = server.add_secure_port(address, secured.credentials)
     if bound == 0:
         raise OSError(f"cannot bind the gRPC server to {address} (port in use?)")
-    result = RouterServer(server, health_servicer, bound, models)
+    result = RouterServer(server, health_servicer, bound, models, shared_memory=regions)
     await result.set_serving(serving)  # before the port opens: the first request sees it
     await server.start()
     return result

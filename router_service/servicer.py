@@ -8,6 +8,15 @@ inference (decoupled mode): the requests of one stream are served concurrently, 
 is answered piece by piece (the last piece with `triton_final_response: true`), a layer request
 with one response, and a failed request with an `error_message` response that starts with its
 status code's name (a stream has one status, for all its requests), e.g. "INVALID_ARGUMENT: ...".
+
+The system shared memory extension (`router_service.shm`) registers regions that layer requests
+then read their input from and write their outputs to. It is off unless the router's config
+turns it on; while off, its RPCs (and a request naming a region) answer UNIMPLEMENTED saying
+how to turn it on, as Triton answers them when client shared memory is off (UNSUPPORTED, which
+Triton maps to UNIMPLEMENTED): a permanent refusal that clients and gRPC retry policies do not
+retry, where UNAVAILABLE would invite retries that can never succeed. The CUDA shared memory
+extension is not implemented: its RPCs answer UNIMPLEMENTED, saying whether the router has a
+GPU at all.
 """
 
 from __future__ import annotations
@@ -23,10 +32,19 @@ import grpc
 
 from protos import grpc_predict_v2_pb2 as pb
 from protos import grpc_predict_v2_pb2_grpc as pb_grpc
-from router_service.codec import INPUT_NAME, decode_request, encode_tensor
-from router_service.errors import ExpertUnavailable, InvalidRequest, ModelNotReady, Overloaded, UnknownModel, WorkerLost
+from router_service.codec import INPUT_NAME, decode_request, encode_tensor, write_tensor
+from router_service.errors import (
+    ExpertUnavailable,
+    InvalidRequest,
+    ModelNotReady,
+    Overloaded,
+    UnknownModel,
+    Unsupported,
+    WorkerLost,
+)
 from router_service.generation.engine import StepOutput
 from router_service.router import ModelRouter
+from router_service.shm import SharedMemoryOff, SharedMemoryRegistry
 from router_service.stream_merge import serve_concurrently
 from router_service.text_codec import (
     FINAL_RESPONSE,
@@ -57,7 +75,12 @@ _CODES: dict[type[Exception], grpc.StatusCode] = {
     WorkerLost: grpc.StatusCode.UNAVAILABLE,
     ExpertUnavailable: grpc.StatusCode.UNAVAILABLE,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unsupported: grpc.StatusCode.UNIMPLEMENTED,
 }
+CUDA_NO_GPU = ("CUDA shared memory needs a GPU on the router, and this router has none; send tensors through "
+               "system shared memory (SystemSharedMemoryRegister) or in the request")
+CUDA_NOT_IMPLEMENTED = ("moe-serve does not implement the CUDA shared memory extension (CUDA IPC handles); send "
+                        "tensors through system shared memory (SystemSharedMemoryRegister) or in the request")
 
 
 def status_code(err: Exception) -> grpc.StatusCode:
@@ -88,10 +111,30 @@ class RequestMetrics(Protocol):
     def queue(self, model: str, tokens: int) -> None: ...
 
 
+def _add_outputs(response: pb.ModelInferResponse, names: tuple[str, ...], values: dict[str, tuple],
+                 regions: dict[str, memoryview]) -> None:
+    """Each output in `names` as raw bytes in `response`, or written into its shared memory
+    region (`regions`) and answered, as Triton does, with its metadata and an empty raw entry
+    (the raw entries stay one per output, in order)."""
+    for name in names:
+        target = regions.get(name)
+        if target is None:
+            tensor, raw = encode_tensor(name, *values[name])
+        else:
+            tensor, raw = write_tensor(name, *values[name], target), b""
+        response.outputs.append(tensor)
+        response.raw_output_contents.append(raw)
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, models: dict[str, ModelRouter], metrics: RequestMetrics | None = None):
+    def __init__(self, models: dict[str, ModelRouter], metrics: RequestMetrics | None = None,
+                 shared_memory: SharedMemoryRegistry | SharedMemoryOff | None = None, router_has_gpu: bool = False):
+        """shared_memory: the system shared memory regions (None: the extension is off);
+        router_has_gpu: what the CUDA shared memory RPCs say they lack."""
         self._models = models
         self._metrics = metrics
+        self._shm = SharedMemoryOff() if shared_memory is None else shared_memory
+        self._cuda_message = CUDA_NOT_IMPLEMENTED if router_has_gpu else CUDA_NO_GPU
 
     def __repr__(self) -> str:
         return f"InferenceServicer(models={sorted(self._models)})"
@@ -123,7 +166,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await _abort(context, err, "ModelReady", request.name)
 
     async def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=[])
+        extensions = list(self._shm.extensions)  # "system_shared_memory" when it is on
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=extensions)
 
     async def ModelMetadata(self, request, context):
         try:
@@ -176,6 +220,40 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(self, request_iterator, context):
         async for response in serve_concurrently(request_iterator, self._stream_one):
             yield response
+
+    async def SystemSharedMemoryStatus(self, request, context):
+        try:
+            regions = self._shm.status(request.name)
+        except (InvalidRequest, Unsupported) as err:
+            await _abort(context, err, "SystemSharedMemoryStatus", "")
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in regions:
+            response.regions[region.name].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                name=region.name, key=region.key, offset=region.offset, byte_size=region.byte_size))
+        return response
+
+    async def SystemSharedMemoryRegister(self, request, context):
+        try:
+            self._shm.register(request.name, request.key, request.offset, request.byte_size)
+        except (InvalidRequest, Unsupported) as err:
+            await _abort(context, err, "SystemSharedMemoryRegister", "")
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(self, request, context):
+        try:
+            self._shm.unregister(request.name)
+        except Unsupported as err:
+            await _abort(context, err, "SystemSharedMemoryUnregister", "")
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def CudaSharedMemoryStatus(self, request, context):
+        await _abort(context, Unsupported(self._cuda_message), "CudaSharedMemoryStatus", "")
+
+    async def CudaSharedMemoryRegister(self, request, context):
+        await _abort(context, Unsupported(self._cuda_message), "CudaSharedMemoryRegister", "")
+
+    async def CudaSharedMemoryUnregister(self, request, context):
+        await _abort(context, Unsupported(self._cuda_message), "CudaSharedMemoryUnregister", "")
 
     async def _answer(self, request: pb.ModelInferRequest) -> tuple[pb.ModelInferResponse, int]:
         """The whole answer to one request and the tokens it served (hidden-state rows, or new
@@ -233,20 +311,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             stream.cancel()
 
     async def _layer(self, model: ModelRouter, request: pb.ModelInferRequest) -> tuple[pb.ModelInferResponse, int]:
-        decoded = decode_request(request, model.spec)
-        result = await model.infer(decoded.layer, decoded.hidden)
-        values = {
-            "hidden_states": (result.hidden, decoded.wire_dtype),
-            "topk_ids": (result.topk_ids, "INT32"),
-            "topk_weights": (result.topk_weights, "FP32"),
-        }
-        response = pb.ModelInferResponse(model_name=model.name, model_version=MODEL_VERSION, id=request.id)
-        for name in decoded.outputs:
-            tensor, raw = encode_tensor(name, *values[name])
-            response.outputs.append(tensor)
-            response.raw_output_contents.append(raw)
+        """A layer request; the shared memory regions it names stay mapped until it is answered."""
+        with self._shm.lease() as regions:
+            decoded = decode_request(request, model.spec, regions)
+            tokens = decoded.hidden.shape[0]
+            result = await model.infer(decoded.layer, decoded.hidden)
+            values = {
+                "hidden_states": (result.hidden, decoded.wire_dtype),
+                "topk_ids": (result.topk_ids, "INT32"),
+                "topk_weights": (result.topk_weights, "FP32"),
+            }
+            response = pb.ModelInferResponse(model_name=model.name, model_version=MODEL_VERSION, id=request.id)
+            _add_outputs(response, decoded.outputs, values, decoded.output_regions)
+            del decoded  # its views on the regions go before the lease ends (then an unregistered one unmaps)
         response.parameters["placement_version"].int64_param = result.placement_version
-        return response, decoded.hidden.shape[0]
+        return response, tokens
 
     def _record(self, model_name: str, code: str, start_s: float, tokens: int) -> None:
         """Count one finished request (a stream counts each of its requests)."""

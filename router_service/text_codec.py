@@ -62,6 +62,10 @@ def decode_text_request(request: pb.ModelInferRequest, default_max_tokens: int) 
     unknown = [o.name for o in request.outputs if o.name != TEXT_OUTPUT]
     if unknown:
         raise InvalidRequest(f"unknown requested outputs {unknown}; a text request answers ['{TEXT_OUTPUT}']")
+    shared = [t.name for t in (*request.inputs, *request.outputs) if "shared_memory_region" in t.parameters]
+    if shared:
+        raise InvalidRequest(f"a text request's tensors travel in the request, not in shared memory (got "
+                             f"'shared_memory_region' on {shared}); only the layer API's tensors can")
     prompt = decode_prompt(request.inputs[0], list(request.raw_input_contents))
     return TextRequest(prompt, sampling_params(request.parameters, default_max_tokens))
 

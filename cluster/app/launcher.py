@@ -97,7 +97,7 @@ class RouterSide:
         self.server = await start_server(
             models, router.host, router.port, router.max_message_mb * 1024 * 1024,
             admins={self.router.name: admin}, serving=True, metrics=metrics, security=config.security,
-            reuse_port=shared,
+            reuse_port=shared, shared_memory=router.shared_memory,
         )
         if self.router.text is not None and router.http_port is not None:
             from router_service.openai_http import start_http_server

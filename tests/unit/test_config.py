@@ -385,3 +385,41 @@ def test_security_pairs_name_both_keys(tmp_path: Path, text: str, message: str) 
 def test_security_and_drain_mistakes_name_the_key(tmp_path: Path, text: str, key: str, detail: str) -> None:
     message = config_error(write(tmp_path, text))
     assert re.search(rf"^  {re.escape(key)}: .*{re.escape(detail)}", message, re.MULTILINE), message
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared memory: off by default, loopback only unless allowed
+# ---------------------------------------------------------------------------------------------
+
+
+def test_shared_memory_is_off_by_default() -> None:
+    router = ServeConfig().router
+    assert (router.shared_memory, router.shared_memory_on_exposed_host) == (False, False)
+
+
+def test_shared_memory_on_a_loopback_host_loads(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "router: {shared_memory: true}\n"))
+    assert config.router.shared_memory
+
+
+@pytest.mark.parametrize("host", [
+    pytest.param("0.0.0.0", id="all-ipv4"),
+    pytest.param("10.0.0.5", id="private-address"),
+    pytest.param("router.internal", id="host-name"),
+])
+def test_shared_memory_on_an_exposed_host_is_refused_naming_both_keys(tmp_path: Path, host: str) -> None:
+    secured = "security: {admin_tokens_file: /etc/t}\n"
+
+    message = config_error(write(tmp_path, f"router: {{host: '{host}', shared_memory: true}}\n{secured}"))
+    allowed = load_config(write(tmp_path, f"router: {{host: '{host}', shared_memory: true, "
+                                          f"shared_memory_on_exposed_host: true}}\n{secured}", "ok.yaml"))
+
+    assert f"router.shared_memory (True) is on but router.host ('{host}') is not a loopback address" in message
+    assert "set router.shared_memory_on_exposed_host: true (now False) to allow it" in message
+    assert allowed.router.shared_memory and allowed.router.host == host
+
+
+def test_shared_memory_override_is_checked_against_the_host() -> None:
+    exposed = validate_config({"router": {"host": "0.0.0.0"}, "security": {"admin_tokens_file": "/etc/t"}})
+    with pytest.raises(ConfigError, match=r"router.shared_memory \(True\) .* router.host \('0.0.0.0'\)"):
+        exposed.with_overrides(**{"router.shared_memory": True})

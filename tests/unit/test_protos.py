@@ -40,14 +40,19 @@ def test_checked_in_stubs_equal_fresh_codegen(tmp_path: Path) -> None:
         )
 
 
-def test_service_has_the_six_v2_rpcs_and_tritons_stream() -> None:
+SHARED_MEMORY_RPCS = tuple(f"{kind}SharedMemory{verb}" for kind in ("System", "Cuda")
+                           for verb in ("Status", "Register", "Unregister"))
+
+
+def test_service_has_the_six_v2_rpcs_tritons_stream_and_shared_memory() -> None:
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 
     rpcs = {m.name: (m.input_type.full_name, m.output_type.full_name) for m in service.methods}
 
     expected = {
         name: (f"inference.{name}Request", f"inference.{name}Response")
-        for name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
+        for name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
+                     *SHARED_MEMORY_RPCS)
     }
     expected["ModelStreamInfer"] = ("inference.ModelInferRequest", "inference.ModelStreamInferResponse")
     assert rpcs == expected
@@ -71,6 +76,45 @@ def test_service_has_the_six_v2_rpcs_and_tritons_stream() -> None:
 )
 def test_wire_numbers_match_upstream(message: type, field: str, number: int) -> None:
     assert message.DESCRIPTOR.fields_by_name[field].number == number
+
+
+# Triton's grpc_service.proto (as tritonclient 2.73's service_pb2 holds it): message -> its fields
+# (name, number, type); a map field shows as its entry message.
+_STRING, _UINT64, _INT64, _BYTES = "string", "uint64", "int64", "bytes"
+TRITON_SHARED_MEMORY_MESSAGES = {
+    "SystemSharedMemoryStatusRequest": [("name", 1, _STRING)],
+    "SystemSharedMemoryStatusResponse": [("regions", 1, "RegionsEntry")],
+    "SystemSharedMemoryStatusResponse.RegionStatus": [("name", 1, _STRING), ("key", 2, _STRING),
+                                                      ("offset", 3, _UINT64), ("byte_size", 4, _UINT64)],
+    "SystemSharedMemoryRegisterRequest": [("name", 1, _STRING), ("key", 2, _STRING), ("offset", 3, _UINT64),
+                                          ("byte_size", 4, _UINT64)],
+    "SystemSharedMemoryRegisterResponse": [],
+    "SystemSharedMemoryUnregisterRequest": [("name", 1, _STRING)],
+    "SystemSharedMemoryUnregisterResponse": [],
+    "CudaSharedMemoryStatusRequest": [("name", 1, _STRING)],
+    "CudaSharedMemoryStatusResponse": [("regions", 1, "RegionsEntry")],
+    "CudaSharedMemoryStatusResponse.RegionStatus": [("name", 1, _STRING), ("device_id", 2, _UINT64),
+                                                    ("byte_size", 3, _UINT64)],
+    "CudaSharedMemoryRegisterRequest": [("name", 1, _STRING), ("raw_handle", 2, _BYTES), ("device_id", 3, _INT64),
+                                        ("byte_size", 4, _UINT64)],
+    "CudaSharedMemoryRegisterResponse": [],
+    "CudaSharedMemoryUnregisterRequest": [("name", 1, _STRING)],
+    "CudaSharedMemoryUnregisterResponse": [],
+}
+_TYPE_NAMES = {9: _STRING, 4: _UINT64, 3: _INT64, 12: _BYTES}
+
+
+@pytest.mark.parametrize("message", sorted(TRITON_SHARED_MEMORY_MESSAGES))
+def test_shared_memory_messages_match_triton(message: str) -> None:
+    outer, _, inner = message.partition(".")
+    descriptor = pb.DESCRIPTOR.message_types_by_name[outer]
+    if inner:
+        descriptor = descriptor.nested_types_by_name[inner]
+
+    fields = [(f.name, f.number, f.message_type.name if f.message_type else _TYPE_NAMES[f.type])
+              for f in descriptor.fields]
+
+    assert fields == TRITON_SHARED_MEMORY_MESSAGES[message]
 
 
 def test_model_infer_request_roundtrip_with_raw_contents_and_layer() -> None:

@@ -42,6 +42,7 @@ INFERENCE_TOKEN = "inference-token-0123456789"
 OTHER_INFERENCE_TOKEN = "inference-token-abcdefghij"
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
 INFER = "/inference.GRPCInferenceService/ModelInfer"
+SHM_REGISTER = "/inference.GRPCInferenceService/SystemSharedMemoryRegister"
 ADMIN = "/moe.admin.v1.AdminService/ApplyPlacement"
 HEALTH = "/grpc.health.v1.Health/Check"
 REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
@@ -129,6 +130,13 @@ def pki(tmp_path_factory) -> Pki:
     pytest.param(REFLECTION, Access.INFERENCE, id="reflection"),
     pytest.param("/some.Other/Thing", Access.INFERENCE, id="unknown-service"),
     pytest.param("/moe.admin.v1.AdminServiceX/GetLoad", Access.INFERENCE, id="admin-prefix-is-not-admin"),
+    # the shared memory extension is part of inference, as in Triton: what the client maps is its own
+    pytest.param(SHM_REGISTER, Access.INFERENCE, id="shm-register"),
+    pytest.param("/inference.GRPCInferenceService/SystemSharedMemoryStatus", Access.INFERENCE, id="shm-status"),
+    pytest.param("/inference.GRPCInferenceService/SystemSharedMemoryUnregister", Access.INFERENCE,
+                 id="shm-unregister"),
+    pytest.param("/inference.GRPCInferenceService/CudaSharedMemoryRegister", Access.INFERENCE,
+                 id="cuda-shm-register"),
 ])
 def test_required_access(method: str, access: Access) -> None:
     assert required_access(method) is access
@@ -172,6 +180,8 @@ PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
     pytest.param(POLICY, HEALTH, "garbage", OK, id="health-open-whatever-the-token"),
     pytest.param(POLICY, REFLECTION, None, UNAUTHENTICATED, id="reflection-needs-a-token"),
     pytest.param(POLICY, REFLECTION, INFERENCE_TOKEN, OK, id="reflection-with-inference-token"),
+    pytest.param(POLICY, SHM_REGISTER, None, UNAUTHENTICATED, id="shm-register-needs-a-token"),
+    pytest.param(POLICY, SHM_REGISTER, INFERENCE_TOKEN, OK, id="shm-register-with-inference-token"),
     pytest.param(TokenPolicy(admin_tokens=(ADMIN_TOKEN,)), INFER, None, OK, id="only-admin-tokens-inference-open"),
     pytest.param(TokenPolicy(admin_tokens=(ADMIN_TOKEN,)), ADMIN, None, UNAUTHENTICATED,
                  id="only-admin-tokens-admin-closed"),

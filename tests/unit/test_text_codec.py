@@ -98,6 +98,10 @@ def test_a_layer_request_is_not_a_text_request() -> None:
     pytest.param(lambda r: r.inputs[0].contents.bytes_contents.append(b"x"), ["both contents and raw_input_contents"],
                  id="both-forms"),
     pytest.param(lambda r: r.ClearField("raw_input_contents"), ["has no data"], id="no-data"),
+    pytest.param(lambda r: r.inputs[0].parameters["shared_memory_region"].__setattr__("string_param", "in"),
+                 ["not in shared memory", "['text_input']"], id="input-in-shared-memory"),
+    pytest.param(lambda r: r.outputs.add(name="text_output").parameters["shared_memory_region"].__setattr__(
+        "string_param", "out"), ["not in shared memory", "['text_output']"], id="output-in-shared-memory"),
 ])
 def test_a_bad_text_input_is_refused_naming_it(mutate, words: list[str]) -> None:
     request = text_request()
