@@ -238,6 +238,7 @@ class GenerationConfig(_Section):
     max_waiting: Annotated[int, Field(ge=1, description="requests waiting for room in the cache; more are refused (HTTP 429, RESOURCE_EXHAUSTED)")] = 512
     max_model_len: Annotated[int | None, Field(ge=2, description="longest sequence (prompt + new tokens); default: the model's max_position_embeddings, within what the KV cache holds")] = None
     default_max_tokens: Annotated[int, Field(ge=1, description="new tokens when a request does not say")] = 16
+    pipeline_microbatches: Annotated[bool, Field(description="split each step's batch in two and keep both in flight: while one half is at the expert workers, the other runs its attention (pays off when the dense side and the experts run on different devices)")] = False
 
 
 class RayConfig(_Section):

@@ -39,6 +39,7 @@ class ExpertWorker:
 
     def __init__(self, index: int, weights: WeightSource, torch_threads: int = 1, device: str = "auto"):
         torch.set_num_threads(torch_threads)
+        self._torch_threads = torch_threads
         self.index = index
         self._started_index = index  # what the repr shows (`assign` may change `index`)
         self.spec: ModelSpec = weights.spec
@@ -143,6 +144,16 @@ class ExpertWorker:
             return self._compute(x, share, start)
         finally:
             self._computing_since = None
+
+    @ray.method(enable_task_events=False)
+    def forward_compiled(self, x: np.ndarray, work: tuple[int, ExpertShare] | None) -> np.ndarray | None:
+        """`forward` as a step of the router's compiled graph, which runs on every worker of the
+        graph for every batch: `work` is this worker's `(call_id, share)`, None when it has none."""
+        if work is None:
+            return None
+        if torch.get_num_threads() != self._torch_threads:  # the graph's own thread: OpenMP's
+            torch.set_num_threads(self._torch_threads)      # thread count is per thread
+        return self.forward(x, work[1], work[0])
 
     def _compute(self, x: np.ndarray, share: ExpertShare, start: float) -> np.ndarray:
         expert_ids, offsets, token_idx = share.expert_ids, share.offsets, share.token_idx

@@ -126,7 +126,7 @@ def attach_text_model(config: ServeConfig, weights: WeightSource, router: ModelR
         return f"{checkpoint} has no tokenizer ({' or '.join(TOKENIZER_FILES)})"
     gen = config.generation
     settings = EngineSettings(int(gen.kv_cache_mb * 2**20), gen.block_size, gen.max_num_seqs, gen.max_batch_tokens,
-                              gen.prefill_chunk_tokens, gen.max_waiting, gen.max_model_len)
+                              gen.prefill_chunk_tokens, gen.max_waiting, gen.max_model_len, gen.pipeline_microbatches)
     metrics = GenerationMetrics(config.model.name, router.router_id) if config.monitoring.enabled else None
     try:
         router.text = build_text_model(config.model.name, checkpoint, weights.dense_tensors(), weights.spec.moe_layers,

@@ -95,10 +95,10 @@ class DenseModel:
 
     async def forward(self, input_ids: torch.Tensor, layout: StepLayout, cache, moe: MoEFn) -> torch.Tensor:
         """input_ids: `[N]` the step's new tokens (sequences one after another, as `layout`
-        says) -> `[N, H]` hidden states after the final norm. `cache.begin(layout)` is called;
+        says) -> `[N, H]` hidden states after the final norm, keys and values stored in `cache`
+        (a `PagedKVCache`; passes over disjoint sequences may run at once);
         `moe(layer, x)` computes an MoE layer's output for `x` `[N, H]`."""
-        cache.begin(layout)
-        kwargs = {self._cache_kwarg: cache, LAYOUT_KWARG: layout}
+        kwargs = {self._cache_kwarg: cache.step(layout), LAYOUT_KWARG: layout}
         with torch.inference_mode():
             hidden = self.model.model.embed_tokens(input_ids.to(self.device).unsqueeze(0))
             embeddings = self.model.model.rotary_emb(hidden, layout.positions.to(self.device).unsqueeze(0))

@@ -29,7 +29,7 @@ from router_service.generation.detokenizer import Detokenizer
 from router_service.generation.kv_cache import BlockAllocator, PagedKVCache
 from router_service.generation.params import SamplingParams
 from router_service.generation.sampling import sample
-from router_service.generation.scheduler import SchedulerConfig, SeqState, schedule
+from router_service.generation.scheduler import Scheduled, SchedulerConfig, SeqState, schedule, split_microbatches
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class EngineSettings:
     prefill_chunk_tokens: int
     max_waiting: int
     max_model_len: int | None = None
+    pipeline_microbatches: bool = False
 
 
 class GenerationMetrics(Protocol):
@@ -159,6 +160,7 @@ class GenerationEngine:
         self._schedule = SchedulerConfig(settings.max_num_seqs, settings.max_batch_tokens,
                                          settings.prefill_chunk_tokens, settings.block_size)
         self._max_waiting = settings.max_waiting
+        self.microbatches = 2 if settings.pipeline_microbatches else 1  # per step (pipelining: 2)
         self._running: list[_Sequence] = []
         self._waiting: deque[_Sequence] = deque()
         self._ids = 0
@@ -256,10 +258,23 @@ class GenerationEngine:
         if not plan.scheduled:
             await asyncio.sleep(0.001)  # nothing fits: wait for a cancellation to free blocks
             return
-        batch = [by_id[s.seq_id] for s in plan.scheduled]
+        parts = split_microbatches(plan.scheduled, self.microbatches)
+        for part in parts:  # blocks first, so every micro-batch's layout is known up front
+            for item in part:
+                by_id[item.seq_id].blocks += self.allocator.allocate(item.new_blocks)
+        done = await asyncio.gather(*(self._forward([by_id[item.seq_id] for item in part], part) for part in parts),
+                                    return_exceptions=True)  # each runs to its end before a failure is raised
+        self.steps += 1
+        for result in done:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _forward(self, batch: list[_Sequence], scheduled: Sequence[Scheduled]) -> None:
+        """One forward pass over `batch` (a step, or one of its micro-batches), then its samples.
+        Micro-batches of one step run at once: while one waits for the experts, the next runs
+        its attention."""
         slots, ids = [], []
-        for seq, item in zip(batch, plan.scheduled):
-            seq.blocks += self.allocator.allocate(item.new_blocks)
+        for seq, item in zip(batch, scheduled):
             slots.append(SeqSlots(seq.blocks, seq.computed, item.tokens))
             ids += seq.tokens[seq.computed:seq.computed + item.tokens]
         layout = StepLayout.build(slots, self.cache.block_size)
@@ -275,8 +290,7 @@ class GenerationEngine:
             return out
 
         hidden = await self.model.forward(torch.tensor(ids), layout, self.cache, moe)
-        self.steps += 1
-        self._finish_step(batch, plan.scheduled, hidden, failed, failures[0] if failures else None)
+        self._finish_step(batch, scheduled, hidden, failed, failures[0] if failures else None)
 
     def _finish_step(self, batch, scheduled, hidden: torch.Tensor, failed: torch.Tensor,
                      failure: ServingError | None) -> None:

@@ -75,7 +75,6 @@ class PagedKVCache:
                       for layer, s in shapes.items()}
         self._values = {layer: torch.zeros(slots, s.value_heads, s.value_dim, dtype=dtype, device=device)
                         for layer, s in shapes.items()}
-        self.layout: StepLayout | None = None
 
     def __repr__(self) -> str:
         return f"PagedKVCache(layers={len(self._keys)}, blocks={self.num_blocks} x {self.block_size} tokens)"
@@ -90,20 +89,36 @@ class PagedKVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self._keys.values(), *self._values.values()))
 
-    def begin(self, layout: StepLayout) -> None:
-        """The step about to run: where its new tokens go and whose context to read."""
-        self.layout = layout
+    def step(self, layout: StepLayout) -> StepCache:
+        """The cache as one forward pass over `layout` sees it (where its new tokens go, whose
+        context it reads). Passes over disjoint sequences may run at once (pipelined
+        micro-batches): each has its own view, and their slots never overlap."""
+        return StepCache(self, layout)
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+    def update(self, layout: StepLayout, key: torch.Tensor, value: torch.Tensor, layer_idx: int):
         """key: `[1, key_heads, N, key_dim]`, value: `[1, value_heads, N, value_dim]` of the
-        step's N new tokens -> the context of every sequence in the step, `[1, heads, K, dim]`
+        N new tokens of `layout` -> the context of every sequence in it, `[1, heads, K, dim]`
         each, K = the sum of their context lengths (new tokens included), in batch order."""
-        layout = self.layout
         keys, values = self._keys[layer_idx], self._values[layer_idx]
         keys[layout.slot_mapping] = key[0].transpose(0, 1).to(keys.dtype)
         values[layout.slot_mapping] = value[0].transpose(0, 1).to(values.dtype)
         return (keys[layout.context_slots].transpose(0, 1).unsqueeze(0),
                 values[layout.context_slots].transpose(0, 1).unsqueeze(0))
+
+
+class StepCache:
+    """What `transformers`' attention modules see as their cache for one forward pass:
+    `update(key, value, layer_idx, ...)` stores into `cache` where `layout` says."""
+
+    def __init__(self, cache: PagedKVCache, layout: StepLayout):
+        self.cache = cache
+        self.layout = layout
+
+    def __repr__(self) -> str:
+        return f"StepCache(tokens={self.layout.num_tokens}, sequences={len(self.layout.q_lens)})"
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return self.cache.update(self.layout, key, value, layer_idx)
 
 
 class ShapeProbe:

@@ -125,3 +125,28 @@ def schedule(running: Sequence[SeqState], waiting: Sequence[SeqState], free_bloc
             budget -= tokens
             headroom += 1
     return StepPlan(tuple(scheduled), tuple(admitted), tuple(reversed(preempted)))
+
+
+def split_microbatches(scheduled: Sequence[Scheduled], parts: int) -> list[tuple[Scheduled, ...]]:
+    """Cut a step's batch into at most `parts` micro-batches of whole sequences, in batch order,
+    with tokens as even as the sequences allow (for pipelining: while one micro-batch is at the
+    experts, the next runs its attention). Fewer sequences than parts: one per sequence."""
+    if parts < 1:
+        raise ValueError(f"parts must be >= 1, got {parts}")
+    parts = min(parts, len(scheduled))
+    if parts <= 1:
+        return [tuple(scheduled)] if scheduled else []
+    total = sum(s.tokens for s in scheduled)
+    out, start, seen = [], 0, 0
+    for i, item in enumerate(scheduled):
+        cut = total * (len(out) + 1) / parts  # where the next micro-batch should end
+        left_after = len(scheduled) - i - 1  # sequences after this one
+        # end the micro-batch at the sequence whose end lands closest to the cut, and keep at
+        # least one sequence for each micro-batch still to come
+        closer = abs(seen + item.tokens - cut) <= abs(seen - cut) or i == start
+        if len(out) < parts - 1 and (not closer or left_after < parts - 1 - len(out)) and i > start:
+            out.append(tuple(scheduled[start:i]))
+            start = i
+        seen += item.tokens
+    out.append(tuple(scheduled[start:]))
+    return out

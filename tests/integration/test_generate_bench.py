@@ -45,6 +45,7 @@ def test_a_quick_generation_bench_measures_every_workload_and_system(tmp_path: P
             assert single["ttft_ms"] > 0 and single["tpot_ms"] > 0, (name, system, single)
             assert len(single["runs"]["ttft_ms"]) == work["repeats"], (name, system, single)
             _positive_stream(result["concurrent"][system], work["concurrent"])
+        _positive_stream(result["concurrent"]["served_pipelined"], work["concurrent"])
         breakdown = result["single"]["served_decode_breakdown"]
         assert breakdown["tpot_ms"] > 0 and breakdown["moe_ms_per_token"] > 0, (name, breakdown)
         assert breakdown["empty_actor_call_ms_p50"] > 0, (name, breakdown)
@@ -59,5 +60,5 @@ def test_a_quick_generation_bench_measures_every_workload_and_system(tmp_path: P
             _positive_stream(mixed[system], work["mixed"])
 
         checks = result["targets"]
-        assert len(checks) == 5, (name, checks)
+        assert len(checks) == 6, (name, checks)
         assert all(c["ratio"] > 0 and isinstance(c["pass"], bool) for c in checks), (name, checks)

@@ -142,13 +142,12 @@ def test_varlen_attention_equals_causal_attention_per_sequence():
     tables = [blocks.allocate(-(-n // 2)) for n in lengths]
     cached = [n - m for n, m in zip(lengths, new)]
     if any(cached):  # what earlier steps wrote
-        cache.begin(StepLayout.build([SeqSlots(t, 0, c) for t, c in zip(tables, cached) if c], 2))
-        cache.update(torch.cat([k[:, :c] for k, c in zip(ks, cached) if c], 1).unsqueeze(0),
-                     torch.cat([v[:, :c] for v, c in zip(vs, cached) if c], 1).unsqueeze(0), 0)
+        earlier = cache.step(StepLayout.build([SeqSlots(t, 0, c) for t, c in zip(tables, cached) if c], 2))
+        earlier.update(torch.cat([k[:, :c] for k, c in zip(ks, cached) if c], 1).unsqueeze(0),
+                       torch.cat([v[:, :c] for v, c in zip(vs, cached) if c], 1).unsqueeze(0), 0)
     layout = StepLayout.build([SeqSlots(t, c, m) for t, c, m in zip(tables, cached, new)], 2)
-    cache.begin(layout)
-    key, value = cache.update(torch.cat([k[:, c:] for k, c in zip(ks, cached)], 1).unsqueeze(0),
-                              torch.cat([v[:, c:] for v, c in zip(vs, cached)], 1).unsqueeze(0), 0)
+    key, value = cache.step(layout).update(torch.cat([k[:, c:] for k, c in zip(ks, cached)], 1).unsqueeze(0),
+                                           torch.cat([v[:, c:] for v, c in zip(vs, cached)], 1).unsqueeze(0), 0)
     query = torch.cat([q[:, c:] for q, c in zip(qs, cached)], 1).unsqueeze(0)
 
     out, _ = paged_attention(_Module(), query, key, value, None, scaling=0.3, moe_serve_layout=layout)

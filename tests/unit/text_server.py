@@ -62,6 +62,8 @@ class LocalMoE:
         self.failing = False
         self.broken = False
         self.calls = 0
+        self.delay_s = 0.0
+        self.log: list[tuple[str, int, int]] = []  # ("start" | "end", layer, tokens) of each call
 
     def hold(self) -> None:  # on the loop
         self._open.clear()
@@ -72,6 +74,9 @@ class LocalMoE:
     async def __call__(self, layer: int, hidden: torch.Tensor, groups=None):
         await self._open.wait()
         self.calls += 1
+        self.log.append(("start", layer, hidden.shape[0]))
+        await asyncio.sleep(self.delay_s)  # the experts' time, elsewhere: the loop is free meanwhile
+        self.log.append(("end", layer, hidden.shape[0]))
         if self.broken:
             raise RuntimeError("secret internals of a bug")
         with torch.no_grad():
@@ -112,9 +117,10 @@ class Recorder:
 
 
 def text_model(name: str, path: Path, tensors, moe_layers, moe: LocalMoE, *, max_num_seqs: int = 8,
-               max_waiting: int = 16) -> TextModel:
+               max_waiting: int = 16, pipeline: bool = False) -> TextModel:
     settings = EngineSettings(kv_cache_bytes=KV_CACHE_BYTES, block_size=16, max_num_seqs=max_num_seqs,
-                              max_batch_tokens=256, prefill_chunk_tokens=64, max_waiting=max_waiting)
+                              max_batch_tokens=256, prefill_chunk_tokens=64, max_waiting=max_waiting,
+                              pipeline_microbatches=pipeline)
     return build_text_model(name, path, tensors, moe_layers, moe, settings, device="cpu", default_max_tokens=16)
 
 
