@@ -26,7 +26,6 @@ from cluster.placement import WorkerRef
 from router_service.dispatch import WorkerRequest
 from router_service.errors import WorkerLost
 
-
 INLINE_BYTES = 64 * 1024  # below Ray's own inline limit for task arguments (100 KiB)
 
 

@@ -20,15 +20,7 @@ import pytest
 from protos import grpc_predict_v2_pb2 as pb
 from protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.integration.conftest import MAIN_RANDOM
-from tests.integration.support import (
-    FP16_REL_TOL,
-    FP32_REL_TOL,
-    MARKS,
-    Served,
-    hidden_states,
-    rel_err,
-    serve_config,
-)
+from tests.integration.support import FP16_REL_TOL, FP32_REL_TOL, MARKS, Served, hidden_states, rel_err, serve_config
 from tests.triton_env import ensure_triton_venv
 
 pytestmark = MARKS
