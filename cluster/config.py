@@ -38,11 +38,15 @@ class RandomModelConfig(_Section):
     shared_ffn: Annotated[int, Field(ge=0, description="intermediate size of the shared experts every token "
                                                        "also goes through (DeepSeek-style; 0: none)")] = 0
     seed: Annotated[int, Field(description="seed of every weight")] = 0
+    dtype: Annotated[Literal["float32", "bfloat16", "float16", "fp8", "mxfp4"], Field(description="how the experts are stored and held by the workers: float32, bfloat16 or float16 (the random float32 weights rounded), fp8 (float8_e4m3fn in 128x128 blocks with float32 scales, as DeepSeek-V3 ships) or mxfp4 (gpt-oss's packed 4-bit values with a power-of-two scale per 32); the gate stays float32")] = "float32"
 
     @model_validator(mode="after")
     def _top_k_fits(self) -> RandomModelConfig:
         if self.top_k > self.experts:
             raise ValueError(f"random.top_k ({self.top_k}) exceeds random.experts ({self.experts})")
+        if self.dtype == "mxfp4" and (self.hidden % 32 or self.ffn % 32):
+            raise ValueError(f"random.dtype mxfp4 packs groups of 32 values: random.hidden ({self.hidden}) and "
+                             f"random.ffn ({self.ffn}) must be multiples of 32")
         return self
 
     def spec(self) -> ModelSpec:
@@ -54,6 +58,7 @@ class RandomModelConfig(_Section):
             moe_layers=tuple(range(self.layers)),
             num_hidden_layers=self.layers,
             shared_intermediate_size=self.shared_ffn,
+            expert_dtype=self.dtype,
         )
 
 
@@ -62,6 +67,7 @@ class ModelConfig(_Section):
                                description="model name clients use in requests")] = "moe"
     checkpoint: Annotated[str | None, Field(description="Hugging Face checkpoint directory (Mixtral, Qwen2/3-MoE or DeepSeek-V2/V3 layout)")] = None
     random: Annotated[RandomModelConfig | None, Field(description="seeded random model (when no checkpoint)")] = None
+    expert_skip_threshold: Annotated[float, Field(ge=0, lt=1, description="expert skipping (opt-in): drop a token's routed experts whose renormalised gate weight (weight / the sum of its top-k weights) is below this, always keeping its top one, the kept weights scaled back to the top-k sum; fewer expert-tokens computed, at some cost in accuracy. 0: off. A request may set its own (parameter or field expert_skip_threshold)")] = 0.0
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -88,6 +94,7 @@ class WorkersConfig(_Section):
     num_cpus: Annotated[float, Field(ge=0, description="CPUs Ray reserves per worker (fractional allowed)")] = 0.5
     torch_threads: Annotated[int, Field(ge=1, description="torch intra-op threads per worker")] = 1
     device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="where expert math runs")] = "auto"
+    compute_dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"], Field(description="dtype of the expert math (the weights stay as the checkpoint stores them, FP8 / MXFP4 dequantized per expert as it runs; inputs, partial sums and the wire stay float32); auto: bfloat16 for 16-bit and quantized experts on a GPU or on a CPU with native BF16 matmul (AMX or AVX512-BF16), float16 for FP16 experts on a GPU, float32 otherwise and always for float32 experts")] = "auto"
     resources: Annotated[dict[str, Annotated[float, Field(gt=0)]], Field(description="custom Ray resources per worker, e.g. {expert_worker: 1} to land on the cluster's expert-worker nodes")] = {}
     spread: Annotated[bool, Field(description="spread the workers over the nodes (Ray's SPREAD strategy), so losing a node loses as few as possible; false packs them")] = True
     health_check_interval_s: Annotated[float, Field(gt=0, description="how often the supervisor probes every worker (a lost one is routed around, reloaded once Ray restarts it)")] = 0.5

@@ -22,7 +22,44 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
 
 
 SCORINGS = ("softmax", "sigmoid")
+# How expert weights are stored (and held by the workers): plain floats, FP8 with block scales,
+# or MXFP4 (see `workers.quant`).
+EXPERT_DTYPES = ("float32", "bfloat16", "float16", "fp8", "mxfp4")
 GROUP_SCORES = ("max", "top2_sum")
+# The activation of an expert's gate half, by the name config.json gives it (`hidden_act`, DBRX
+# `ffn_config.ffn_act_fn.name`); "gpt_oss_swiglu" is gpt-oss's clamped form (see `ExpertForm`).
+ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_tanh", "relu", "quick_gelu",
+               "gpt_oss_swiglu")
+
+
+@dataclass(frozen=True)
+class ExpertForm:
+    """What one expert computes, beyond its three matrices (w1, w3 `[F, H]`, w2 `[H, F]`):
+    `w2(act(w1 x + b1) * (w3 x + b3)) + b2`.
+
+    activation: one of `ACTIVATIONS` (the gated MLP's nonlinearity; Mixtral and most: silu;
+        Grok-1-like experts: gelu); "gpt_oss_swiglu" is gpt-oss's
+        `(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)`, `g = clamp(gate, max=limit)`;
+    swiglu_limit, swiglu_alpha: that form's `swiglu_limit` and alpha (1.702);
+    bias: the experts have biases b1, b3 `[F]` and b2 `[H]` (gpt-oss), else none;
+    weight_on_input: the gate weight scales the expert's INPUT (Llama 4: `expert(w x)`), not its
+        output (`w expert(x)`, every other family); for a nonlinear expert these differ.
+    """
+
+    activation: str = "silu"
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
+    bias: bool = False
+    weight_on_input: bool = False
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"expert activation {self.activation!r} is not served; served: {', '.join(ACTIVATIONS)}")
+        if (self.activation == "gpt_oss_swiglu") != (self.swiglu_limit is not None):
+            raise ValueError(f"swiglu_limit ({self.swiglu_limit!r}) goes with activation 'gpt_oss_swiglu' and only "
+                             f"with it (activation {self.activation!r})")
+        if self.swiglu_limit is not None and not self.swiglu_limit > 0:
+            raise ValueError(f"swiglu_limit must be > 0, got {self.swiglu_limit!r}")
 
 
 @dataclass(frozen=True)
@@ -39,7 +76,10 @@ class GateSpec:
     norm_topk_prob: the k weights are renormalised to sum to 1;
     routed_scaling_factor: the routed experts' weights are multiplied by it (DeepSeek);
     shared_gate: the shared experts' output is scaled per token by a sigmoid gate
-        (Qwen2-MoE `shared_expert_gate`, a `[1, H]` weight); otherwise by 1.
+        (Qwen2-MoE `shared_expert_gate`, a `[1, H]` weight); otherwise by 1;
+    router_bias: the router has a bias `[E]` added to its logits (gpt-oss `router.bias`);
+    norm_p: with `norm_topk_prob`, the k weights are divided by their p-norm (DBRX
+        `moe_normalize_expert_weights`; 1: by their sum, every other family).
     """
 
     scoring: str = "softmax"
@@ -50,8 +90,12 @@ class GateSpec:
     routed_scaling_factor: float = 1.0
     correction_bias: bool = False
     shared_gate: bool = False
+    router_bias: bool = False
+    norm_p: float = 1.0
 
     def __post_init__(self) -> None:
+        if not self.norm_p > 0:
+            raise ValueError(f"gate norm_p must be > 0, got {self.norm_p!r}")
         if self.scoring not in SCORINGS:
             raise ValueError(f"gate scoring must be one of {SCORINGS}, got {self.scoring!r}")
         if self.group_score not in GROUP_SCORES:
@@ -73,16 +117,18 @@ class GateSpec:
 @dataclass(frozen=True)
 class GateWeights:
     """A layer's router tensors, float32: weight `[E, H]`; correction_bias `[E]` (DeepSeek-V3),
-    shared_gate `[1, H]` (Qwen2-MoE), where the family has them."""
+    shared_gate `[1, H]` (Qwen2-MoE), bias `[E]` added to the logits (gpt-oss), where the family
+    has them."""
 
     weight: torch.Tensor
     correction_bias: torch.Tensor | None = None
     shared_gate: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
 
     def float(self) -> GateWeights:
         def f(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.float().contiguous()
-        return GateWeights(f(self.weight), f(self.correction_bias), f(self.shared_gate))
+        return GateWeights(f(self.weight), f(self.correction_bias), f(self.shared_gate), f(self.bias))
 
 
 @dataclass(frozen=True)
@@ -100,6 +146,11 @@ class ModelSpec:
         its intermediate dimension (and zero-padded to a whole number of pieces, which adds
         exactly nothing), so they are placed and replicated like any other expert.
     family: the checkpoint layout the model comes in (see `workers.hf_layouts`).
+    expert_dtype: how the routed experts are stored and held, one of `EXPERT_DTYPES` (the
+        workers dequantize FP8 / MXFP4 when an expert runs; the math's dtype is the workers'
+        `compute_dtype`).
+    expert: what each expert computes (`ExpertForm`: activation, biases, where the gate weight
+        goes); the shared experts compute the same (with no biases).
 
     Logical experts: in MoE layer position `m`, expert `e` is `m * experts_per_layer + e`; the
     routed experts are `e < num_experts`, the shared ones follow.
@@ -114,8 +165,12 @@ class ModelSpec:
     gate: GateSpec = field(default_factory=GateSpec)
     shared_intermediate_size: int = 0
     family: str = "mixtral"
+    expert_dtype: str = "float32"
+    expert: ExpertForm = field(default_factory=ExpertForm)
 
     def __post_init__(self) -> None:
+        if self.expert_dtype not in EXPERT_DTYPES:
+            raise ValueError(f"expert_dtype must be one of {EXPERT_DTYPES}, got {self.expert_dtype!r}")
         for name in ("hidden_size", "intermediate_size", "num_experts", "top_k", "num_hidden_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -257,3 +312,21 @@ def _ranges(values: tuple[int, ...]) -> str:
         if v is not None:
             start = prev = v
     return ", ".join(parts)
+
+
+def causal_lm_class(config) -> type:
+    """The family's causal LM class for its `transformers` config: the auto mapping's, else the
+    class its `architectures` names (transformers 5.25 maps no auto class to Mistral 4).
+    ValueError naming the config when transformers has neither."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        names = list(getattr(config, "architectures", None) or [])
+        found = [getattr(transformers, n) for n in names if hasattr(transformers, n)]
+        if not found:
+            raise ValueError(f"transformers has no causal LM class for {type(config).__name__} "
+                             f"(architectures {names})") from None
+        return found[0]

@@ -10,6 +10,9 @@ cancelled is cancelled too, and its shares not yet started are skipped at the wo
 Admission control: a request that would take the model's queue past `max_queued_tokens` is
 refused at once with `Overloaded` (unless the queue is empty: a lone large request goes).
 Tokens of a batch that could not be served fail only the requests they belong to.
+
+Expert skipping: each request brings its threshold (`router_service.skipping`); a batch that
+mixes thresholds passes them per token, and a batch where none skips passes none.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ import torch
 from cluster.config import RouterConfig
 from router_service.errors import Overloaded
 from router_service.moe_layer import LayerOutput
+from router_service.skipping import token_thresholds
 
-# (layer, hidden [T, H] float32, groups [T]: the request of each row) -> output for the whole batch
-ForwardFn = Callable[[int, torch.Tensor, np.ndarray], Awaitable[LayerOutput]]
+# (layer, hidden [T, H] float32, groups [T]: the request of each row[, thresholds [T]: each row's
+# expert skip threshold, given only when some row skips]) -> output for the whole batch
+ForwardFn = Callable[..., Awaitable[LayerOutput]]
 
 
 @dataclass
@@ -36,6 +41,7 @@ class _Pending:
     hidden: torch.Tensor
     future: asyncio.Future
     enqueued_s: float = field(default_factory=time.perf_counter)
+    skip_threshold: float = 0.0
 
     @property
     def tokens(self) -> int:
@@ -122,8 +128,12 @@ class _LayerQueue:
         try:
             hidden = batch[0].hidden if len(batch) == 1 else torch.cat([i.hidden for i in batch])
             groups = np.repeat(np.arange(len(batch)), [i.tokens for i in batch])
+            thresholds = token_thresholds([i.skip_threshold for i in batch], [i.tokens for i in batch])
             started = time.perf_counter()
-            result = await self._forward(self.layer, hidden, groups)
+            if thresholds is None:
+                result = await self._forward(self.layer, hidden, groups)
+            else:
+                result = await self._forward(self.layer, hidden, groups, thresholds)
         except asyncio.CancelledError:  # closing: nobody is left waiting
             for item in batch:
                 item.future.cancel()
@@ -186,9 +196,10 @@ class Batcher:
         self._inflight = config.max_inflight_batches
         self._queues: dict[int, _LayerQueue] = {}
 
-    async def submit(self, layer: int, hidden: torch.Tensor) -> RequestResult:
-        """hidden: `[t, H]` float32. Cancelling the caller drops the request if still queued.
-        Raises `Overloaded` at once when the queue is full."""
+    async def submit(self, layer: int, hidden: torch.Tensor, skip_threshold: float = 0.0) -> RequestResult:
+        """hidden: `[t, H]` float32; skip_threshold: the request's expert skip threshold (0:
+        none). Cancelling the caller drops the request if still queued. Raises `Overloaded` at
+        once when the queue is full."""
         queued = self.queued_tokens
         if queued and queued + hidden.shape[0] > self._max_queued:
             raise Overloaded(
@@ -201,7 +212,7 @@ class Batcher:
             queue = self._queues[layer] = _LayerQueue(
                 layer, self._forward, self._max_tokens, self._max_wait_s, self._inflight
             )
-        item = _Pending(hidden, asyncio.get_running_loop().create_future())
+        item = _Pending(hidden, asyncio.get_running_loop().create_future(), skip_threshold=skip_threshold)
         queue.put(item)
         return await item.future
 

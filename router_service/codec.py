@@ -22,6 +22,8 @@ import torch
 from cluster.model_spec import WIRE_DTYPES, ModelSpec
 from protos import grpc_predict_v2_pb2 as pb
 from router_service.errors import InvalidRequest
+from router_service.skipping import PARAMETER as SKIP_PARAMETER
+from router_service.skipping import check_threshold
 
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
@@ -56,13 +58,15 @@ class ShmRef:
 class DecodedRequest:
     """hidden: `[T, H]` float32 (a view on shared memory when the input came that way);
     wire_dtype: the datatype to answer in; output_regions: where the outputs that go to shared
-    memory are written, by name (already checked to fit)."""
+    memory are written, by name (already checked to fit); expert_skip_threshold: the request's
+    parameter of that name, in [0, 1) (None: the model's setting)."""
 
     layer: int
     hidden: torch.Tensor
     wire_dtype: str
     outputs: tuple[str, ...]
     output_regions: dict[str, memoryview] = field(default_factory=dict)
+    expert_skip_threshold: float | None = None
 
 
 def decode_request(request: pb.ModelInferRequest, spec: ModelSpec,
@@ -92,7 +96,29 @@ def decode_request(request: pb.ModelInferRequest, spec: ModelSpec,
         wire_dtype=tensor.datatype,
         outputs=outputs,
         output_regions=_output_regions(request, spec, hidden.shape[0], tensor.datatype, regions),
+        expert_skip_threshold=skip_threshold(request.parameters),
     )
+
+
+def skip_threshold(parameters) -> float | None:
+    """The request parameter `expert_skip_threshold` (`parameters`: the request's map of
+    `InferParameter`): a number in [0, 1) as a double, an integer (0) or a decimal string; None
+    when absent. InvalidRequest naming it otherwise."""
+    if SKIP_PARAMETER not in parameters:
+        return None
+    param = parameters[SKIP_PARAMETER]
+    kind = param.WhichOneof("parameter_choice")
+    where = f"request parameter '{SKIP_PARAMETER}'"
+    if kind in ("double_param", "int64_param", "uint64_param"):
+        return check_threshold(float(getattr(param, kind)), where)
+    if kind == "string_param":
+        try:
+            value = float(param.string_param)
+        except ValueError:
+            value = None
+        if value is not None:
+            return check_threshold(value, where)
+    raise InvalidRequest(f"{where} must be a number in [0, 1) (double_param; 0: no expert skipping), got {_shown(param)}")
 
 
 def shm_ref(parameters, what: str) -> ShmRef | None:

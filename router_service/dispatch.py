@@ -129,6 +129,8 @@ def plan_dispatch(routing: Routing, moe_index: int, num_experts: int, table: Rep
     outstanding: `[W]` tokens each worker still has in hand; replicated experts' tokens go
     preferably to the replicas with spare capacity (see `_replica_of`). Tokens routed to an
     expert without a live replica are not sent anywhere: they are the plan's `unserved` tokens.
+    Assignments that `routing.kept` clears (expert skipping) are left out first: no worker gets
+    them and they are no routed load (a token then has fewer than k experts).
     """
     topk_ids = routing.topk_ids.numpy()
     tokens, k = topk_ids.shape
@@ -136,6 +138,9 @@ def plan_dispatch(routing: Routing, moe_index: int, num_experts: int, table: Rep
     logical = base + topk_ids.reshape(-1)  # [T*k]
     token_of = np.repeat(np.arange(tokens, dtype=np.int64), k)
     weight_of = routing.topk_weights.numpy().reshape(-1)
+    if routing.kept is not None:  # [N <= T*k]
+        sent = routing.kept.numpy().reshape(-1)
+        logical, token_of, weight_of = logical[sent], token_of[sent], weight_of[sent]
     expert_tokens = np.bincount(logical - base, minlength=num_experts)
     if shared:
         rows = np.arange(tokens, dtype=np.int64)

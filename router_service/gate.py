@@ -7,7 +7,11 @@ One function serves every family (`GateSpec` says which variant):
 | Mixtral | softmax | top-k | renormalised |
 | Qwen2/3-MoE | softmax | top-k | renormalised with `norm_topk_prob` |
 | DeepSeek-V2 | softmax | top-k, or top-k within the `topk_group` best of `n_group` groups (group max) | x `routed_scaling_factor` |
-| DeepSeek-V3 | sigmoid | scores + correction bias, group-limited (sum of each group's best two) | raw scores, renormalised, x `routed_scaling_factor` |
+| DeepSeek-V3, GLM-4.5 MoE | sigmoid | scores + correction bias, group-limited (sum of each group's best two) | raw scores, renormalised, x `routed_scaling_factor` |
+| Mistral 4 | softmax | top-k, group-limited by each group's best two where `n_group` > 1 | renormalised, x `routed_scaling_factor` |
+| DBRX | softmax | top-k | divided by their p-norm, p = `moe_normalize_expert_weights` |
+| gpt-oss | softmax over the top-k of logits + router bias | top-k | (the softmax of the k) |
+| Llama 4 | sigmoid | top-k (top-1) | raw scores, applied to the expert's input by the workers |
 
 Shared experts (Qwen2-MoE, DeepSeek) take every token; Qwen2-MoE scales their output per
 token by `sigmoid(shared_expert_gate x)`, DeepSeek by 1.
@@ -30,11 +34,14 @@ class Routing:
     topk_weights: `[tokens, k]` float32 gate weights of those experts.
     shared_weights: `[tokens]` float32 weight of the shared experts' output per token, or None
         for 1 (no shared gate, or no shared experts).
+    kept: `[tokens, k]` bool, the assignments to send to the experts, or None for all; expert
+        skipping (`router_service.skipping`) clears the ones it drops (their weight is 0).
     """
 
     topk_ids: torch.Tensor
     topk_weights: torch.Tensor
     shared_weights: torch.Tensor | None = None
+    kept: torch.Tensor | None = None
 
 
 def softmax_topk_route(hidden: torch.Tensor, gate_weight: torch.Tensor, top_k: int,
@@ -54,7 +61,11 @@ def softmax_topk_route(hidden: torch.Tensor, gate_weight: torch.Tensor, top_k: i
 
 def route(hidden: torch.Tensor, gate: GateWeights, spec: GateSpec, top_k: int) -> Routing:
     """Score `hidden` `[tokens, H]` float32 with the layer's `gate` as `spec` says."""
-    if spec.scoring == "softmax" and not spec.grouped and gate.correction_bias is None:
+    if spec.router_bias and gate.bias is None:
+        raise ValueError("the gate spec has a router bias (router_bias) but the layer's gate weights carry none")
+    if spec.router_bias or spec.norm_p != 1.0:
+        ids, weights = _biased_softmax_topk(hidden, gate, spec, top_k)
+    elif spec.scoring == "softmax" and not spec.grouped and gate.correction_bias is None:
         routing = softmax_topk_route(hidden, gate.weight, top_k, spec.norm_topk_prob)
         ids, weights = routing.topk_ids, routing.topk_weights
     else:
@@ -65,6 +76,21 @@ def route(hidden: torch.Tensor, gate: GateWeights, spec: GateSpec, top_k: int) -
     if gate.shared_gate is not None:
         shared = torch.sigmoid(hidden @ gate.shared_gate.t()).squeeze(1)
     return Routing(ids, weights, shared)
+
+
+def _biased_softmax_topk(hidden: torch.Tensor, gate: GateWeights, spec: GateSpec, top_k: int):
+    """gpt-oss (logits + router bias, top-k, softmax over the k) and DBRX (softmax, top-k,
+    divided by the k weights' `norm_p`-norm) routers."""
+    logits = hidden.float() @ gate.weight.t()
+    if gate.bias is not None and spec.router_bias:
+        logits = logits + gate.bias
+    if spec.router_bias:  # softmax of the top-k logits: the renormalised top-k of the softmax
+        values, ids = torch.topk(logits, top_k, dim=-1)
+        return ids, torch.softmax(values, dim=-1)
+    values, ids = torch.topk(torch.softmax(logits, dim=-1), top_k, dim=-1)
+    if spec.norm_topk_prob:
+        values = values / torch.linalg.vector_norm(values, ord=spec.norm_p, dim=-1, keepdim=True)
+    return ids, values
 
 
 def _scored_topk(hidden: torch.Tensor, gate: GateWeights, spec: GateSpec, top_k: int):

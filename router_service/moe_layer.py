@@ -30,6 +30,7 @@ from router_service.dispatch import (
 from router_service.errors import ExpertUnavailable, ServingError, WorkerLost
 from router_service.gate import Routing, route
 from router_service.placement_store import PlacementStore
+from router_service.skipping import skip_experts
 
 
 class ExpertBackend(Protocol):
@@ -56,10 +57,12 @@ class ExpertBackend(Protocol):
 
 @dataclass(frozen=True)
 class LayerOutput:
-    """hidden: `[T, H]` float32; routing: the gate's choice; expert_tokens: `[E]` tokens routed
-    to each expert of the layer; placement_version: the placement this batch was served with;
-    failed: `[T]` bool, tokens that could not be served (their rows of `hidden` are not valid),
-    and `failure` says why."""
+    """hidden: `[T, H]` float32; routing: the gate's choice (after expert skipping: the skipped
+    assignments have weight 0 and `kept` false); expert_tokens: `[E]` tokens sent to each expert
+    of the layer (skipped ones are not); placement_version: the placement this batch was served
+    with; failed: `[T]` bool, tokens that could not be served (their rows of `hidden` are not
+    valid), and `failure` says why; skipped_expert_tokens: (token, expert) assignments dropped by
+    expert skipping."""
 
     hidden: torch.Tensor
     routing: Routing
@@ -67,6 +70,7 @@ class LayerOutput:
     placement_version: int
     failed: np.ndarray | None = None
     failure: ServingError | None = None
+    skipped_expert_tokens: int = 0
 
 
 @dataclass
@@ -143,14 +147,19 @@ class DistributedMoELayer:
                 self.outstanding = np.pad(self.outstanding, (0, placement.num_workers - len(self.outstanding)))
         return self._table
 
-    async def forward(self, layer: int, hidden: torch.Tensor, groups: np.ndarray | None = None) -> LayerOutput:
+    async def forward(self, layer: int, hidden: torch.Tensor, groups: np.ndarray | None = None,
+                      thresholds: torch.Tensor | None = None) -> LayerOutput:
         """hidden: `[T, H]` float32 for MoE layer `layer` (the model's numbering); groups: `[T]`
-        which request each row belongs to (retries keep requests apart, see `plan_retry`)."""
+        which request each row belongs to (retries keep requests apart, see `plan_retry`);
+        thresholds: `[T]` each row's expert skip threshold (`router_service.skipping`; None: no
+        skipping)."""
         moe_index = self.spec.moe_index(layer)
         await self._wait_for_room()
         with self._placements.use() as placement:
             t0 = time.thread_time()
             routing = route(hidden, self._gates[layer], self.spec.gate, self.spec.top_k)  # score
+            skip = skip_experts(routing, thresholds)  # ... and skip
+            routing = skip.routing
             plan = plan_dispatch(routing, moe_index, self.spec.num_experts, self._replica_table(placement),
                                  self.outstanding, self.spec.num_shared_experts)  # plan
             shared_x = self._backend.share(hidden.numpy())  # scatter
@@ -187,7 +196,8 @@ class DistributedMoELayer:
                 if not lost:
                     break
         self.stage_s.add(dispatch=dispatch_s, combine=combine_s)
-        return LayerOutput(out, routing, expert_tokens, placement.version, failed if failed.any() else None, failure)
+        return LayerOutput(out, routing, expert_tokens, placement.version, failed if failed.any() else None, failure,
+                           skip.skipped)
 
     def _unserved(self, plan: DispatchPlan, failed: np.ndarray) -> ExpertUnavailable | None:
         """Mark the plan's unserved tokens failed; the error naming their experts."""

@@ -58,6 +58,7 @@ class _Sampling(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False  # extension (vLLM): go on past end-of-sequence tokens
+    expert_skip_threshold: float | None = None  # extension (ours): expert skipping, None: the model's
     user: str | None = None  # accepted, not used
 
     @field_validator("stop", mode="before")
@@ -88,7 +89,8 @@ class _Sampling(BaseModel):
                   "temperature": 1.0 if self.temperature is None else self.temperature,
                   "top_p": 1.0 if self.top_p is None else self.top_p,
                   "top_k": 0 if self.top_k is None else self.top_k,
-                  "seed": self.seed, "stop": self.stop, "logprobs": logprobs, "ignore_eos": self.ignore_eos}
+                  "seed": self.seed, "stop": self.stop, "logprobs": logprobs, "ignore_eos": self.ignore_eos,
+                  "expert_skip_threshold": self.expert_skip_threshold}
         try:
             return SamplingParams(**fields)
         except InvalidRequest as err:  # its messages start with the field they are about

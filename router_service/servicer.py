@@ -196,6 +196,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         params["num_shared_experts"].int64_param = spec.num_shared_experts  # pieces served beside the routed
         params["gate"].string_param = spec.gate.scoring + (" group-limited" if spec.gate.grouped else "")
         params["generates_text"].bool_param = model.text is not None
+        params["expert_skip_threshold"].double_param = model.expert_skip_threshold  # a request may set its own
         if model.text is not None:  # the layer API's tensors stay first
             response.inputs.append(meta(name=TEXT_INPUT, datatype="BYTES", shape=[1]))
             response.outputs.append(meta(name=TEXT_OUTPUT, datatype="BYTES", shape=[-1]))
@@ -315,7 +316,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         with self._shm.lease() as regions:
             decoded = decode_request(request, model.spec, regions)
             tokens = decoded.hidden.shape[0]
-            result = await model.infer(decoded.layer, decoded.hidden)
+            result = await model.infer(decoded.layer, decoded.hidden, decoded.expert_skip_threshold)
             values = {
                 "hidden_states": (result.hidden, decoded.wire_dtype),
                 "topk_ids": (result.topk_ids, "INT32"),

@@ -37,6 +37,7 @@ PARAMETERS: dict[str, str] = {
     "seed": "integer",
     "stop": "string",
     "ignore_eos": "boolean",
+    "expert_skip_threshold": "number",  # [0, 1): expert skipping (router_service.skipping); absent: the model's
 }
 
 

@@ -83,7 +83,7 @@ class ExpertPool:
             max_restarts=-1,
             max_task_retries=0,  # the router retries elsewhere, boundedly: never a crash loop
             lifetime="detached" if self._detached else None,
-        ).remote(index, self._weights, self._config.torch_threads, self._config.device)
+        ).remote(index, self._weights, self._config.torch_threads, self._config.device, self._config.compute_dtype)
 
     def start(self, num_workers: int) -> list[dict]:
         """Create `num_workers` actors and wait until each answers; returns their `ready()` info."""
@@ -314,7 +314,7 @@ class ExpertPool:
             try:
                 return {**await asyncio.wait_for(handle.stats.remote(), timeout_s), "down": False}
             except (asyncio.TimeoutError, ray.exceptions.RayActorError):
-                return {"index": index, "replicas": 0, "calls": 0, "tokens": 0, "busy_s": 0.0,
+                return {"index": index, "replicas": 0, "weight_bytes": 0, "calls": 0, "tokens": 0, "busy_s": 0.0,
                         "expert_tokens": {}, "down": True}
 
         stats = await asyncio.gather(*(one(i, h) for i, h in enumerate(self.handles)))

@@ -2,7 +2,10 @@
 to a real Mixtral checkpoint directory (safetensors shards, index and config.json).
 
 Each gate and expert depends only on (seed, layer, expert), so workers generating disjoint sets
-of experts agree with each other and with a single-process reference.
+of experts agree with each other and with a single-process reference. The experts are stored as
+`spec.expert_dtype` says: the float32 weights rounded to BF16 / FP16, or quantized to FP8 blocks
+(`FP8_BLOCK`) or MXFP4 (`workers.quant`); `experts()` gives them back dequantized to float32, so a
+reference computes on exactly what the workers hold.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from safetensors.torch import save_file
 from cluster.model_spec import GateSpec, GateWeights, ModelSpec
 from workers.hf_checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 from workers.hf_layouts import MIXTRAL
-from workers.weights import PROJECTIONS, ExpertWeights, Progress, check_pairs, produce_experts
+from workers.quant import MXFP4_GROUP, quantize_fp8, quantize_mxfp4
+from workers.weights import PROJECTIONS, ExpertWeights, Progress, as_float32, check_pairs, produce_experts
 
 _RANDOM_VOCAB_SIZE = 32
+FP8_BLOCK = (128, 128)  # DeepSeek-V3's weight_block_size
 
 
 def gate_key(layer: int) -> str:
@@ -58,6 +63,9 @@ class RandomModel:
             raise TypeError(f"spec must be a ModelSpec, got {type(spec).__name__}")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int, got {seed!r}")
+        if spec.expert_dtype == "mxfp4" and (spec.hidden_size % MXFP4_GROUP or spec.intermediate_size % MXFP4_GROUP):
+            raise ValueError(f"MXFP4 experts need hidden_size ({spec.hidden_size}) and intermediate_size "
+                             f"({spec.intermediate_size}) to be multiples of {MXFP4_GROUP}")
         self.spec = spec
         self.seed = seed
 
@@ -103,11 +111,21 @@ class RandomModel:
     def experts(
         self, pairs: Sequence[tuple[int, int]], progress: Progress | None = None
     ) -> Iterator[tuple[tuple[int, int], ExpertWeights]]:
-        """Yield `((layer, expert), ExpertWeights)` for `pairs`, in order."""
+        """Yield `((layer, expert), ExpertWeights)` for `pairs`, in order, as float32 (what the
+        workers hold, dequantized)."""
+        return as_float32(self.stored_experts(pairs, progress))
+
+    def stored_experts(
+        self, pairs: Sequence[tuple[int, int]], progress: Progress | None = None
+    ) -> Iterator[tuple[tuple[int, int], ExpertWeights]]:
+        """`experts()` as the workers hold them: stored as `spec.expert_dtype` (shared-MLP pieces
+        are cut from the float32 MLP, then stored the same way)."""
         def read(layer: int, expert: int) -> ExpertWeights:
             return self._swiglu(self.spec.intermediate_size, _generator(self.seed, "expert", layer, expert))
 
-        return produce_experts(self.spec, check_pairs(self.spec, pairs), read, self.shared, progress)
+        checked = check_pairs(self.spec, pairs)  # now, not when the first expert is asked for
+        dtype = self.spec.expert_dtype
+        return ((pair, _store(w, dtype)) for pair, w in produce_experts(self.spec, checked, read, self.shared, progress))
 
     def save_mixtral_checkpoint(
         self, path: str | os.PathLike[str], *, shards: int = 1, dtype: torch.dtype = torch.float32
@@ -158,6 +176,18 @@ class RandomModel:
             }
         weights = self.expert(layer, expert)
         return {expert_key(layer, expert, p): getattr(weights, p) for p in PROJECTIONS}
+
+
+def _store(weights: ExpertWeights, dtype: str) -> ExpertWeights:
+    """float32 `weights` stored as `dtype` (see `ModelSpec.expert_dtype`)."""
+    matrices = (weights.w1, weights.w2, weights.w3)
+    if dtype == "float32":
+        return weights
+    if dtype == "fp8":
+        return ExpertWeights(*(quantize_fp8(m, FP8_BLOCK) for m in matrices))
+    if dtype == "mxfp4":
+        return ExpertWeights(*(quantize_mxfp4(m) for m in matrices))
+    return ExpertWeights(*(m.to(getattr(torch, dtype)) for m in matrices))
 
 
 def _prepare_output(spec: ModelSpec, root: Path, shards: int, dtype: torch.dtype) -> Path:

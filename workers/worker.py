@@ -18,7 +18,8 @@ import torch
 
 from cluster.model_spec import ModelSpec
 from cluster.placement import ExpertShare
-from workers.expert_math import fuse_w13, run_experts
+from workers import precision, quant
+from workers.expert_math import HeldExpert, run_experts
 from workers.weights import WeightSource
 
 # Arrays that arrive through Ray's object store are read-only views; we only read them.
@@ -33,11 +34,15 @@ class ExpertWorker:
     """Hosts expert replicas and runs them on the tokens the router sends.
 
     Replicas are keyed by global logical expert id (`moe_index * experts_per_layer + e`, see
-    `cluster.placement`); each is `(w13 [2F, H], w2 [H, F])`. A worker holds at most one replica
-    of a logical expert; during a migration it briefly holds new replicas beside old ones.
+    `cluster.placement`); each is a `HeldExpert` (`w13 [2F, H]`, `w2 [H, F]`), held in the
+    checkpoint's own precision (float32, BF16, FP16, or FP8 / MXFP4 with their scales). The math
+    runs in `compute_dtype` (`workers.precision`); inputs and partial outputs stay float32. A
+    worker holds at most one replica of a logical expert; during a migration it briefly holds
+    new replicas beside old ones.
     """
 
-    def __init__(self, index: int, weights: WeightSource, torch_threads: int = 1, device: str = "auto"):
+    def __init__(self, index: int, weights: WeightSource, torch_threads: int = 1, device: str = "auto",
+                 compute_dtype: str = "auto"):
         torch.set_num_threads(torch_threads)
         self._torch_threads = torch_threads
         self.index = index
@@ -45,7 +50,9 @@ class ExpertWorker:
         self.spec: ModelSpec = weights.spec
         self._weights = weights
         self.device = torch.device(_pick_device(device))
-        self._experts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        flags = precision.cpu_flags() if self.device.type == "cpu" else ()
+        self.compute_dtype = precision.compute_dtype(compute_dtype, self.spec.expert_dtype, self.device.type, flags)
+        self._experts: dict[int, HeldExpert] = {}
         self._expert_tokens: dict[int, int] = {}
         self._tokens = 0
         self._busy_s = 0.0
@@ -73,7 +80,8 @@ class ExpertWorker:
         node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
         since = self._computing_since
         return {"index": self.index, "device": str(self.device), "pid": os.getpid(), "node_id": node_id,
-                "incarnation": self.incarnation, "replicas": len(self._experts),
+                "incarnation": self.incarnation, "replicas": len(self._experts), "weight_bytes": self.weight_bytes(),
+                "expert_dtype": self.spec.expert_dtype, "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
                 "computing_s": 0.0 if since is None else time.monotonic() - since}
 
     @ray.method(concurrency_group=CONTROL_GROUP, enable_task_events=False)
@@ -86,32 +94,47 @@ class ExpertWorker:
         todo = sorted(set(int(g) for g in experts) - set(self._experts))
         pairs = [self.spec.layer_expert(g) for g in todo]
         loaded = 0
-        for logical, (_, w) in zip(todo, self._weights.experts(pairs)):
-            self._install(logical, w.w1, w.w3, w.w2)
-            loaded += self._bytes(logical)
+        for logical, (_, w) in zip(todo, self._weights.stored_experts(pairs)):
+            self._install(logical, w.w1, w.w3, w.w2, w.biases)
+            loaded += self._experts[logical].nbytes
         return loaded
 
-    def load_from(self, logical: int, tensors: dict[str, np.ndarray]) -> int:
+    def load_from(self, logical: int, tensors: dict) -> int:
         """Install a replica from another worker's `export` (through the object store)."""
-        self._install(
-            int(logical), torch.from_numpy(tensors["w1"]), torch.from_numpy(tensors["w3"]),
-            torch.from_numpy(tensors["w2"]),
-        )
-        return self._bytes(int(logical))
+        w1, w3, w2 = (quant.from_wire(tensors[name]) for name in ("w1", "w3", "w2"))
+        biases = tensors.get("biases")
+        self._install(int(logical), w1, w3, w2, None if biases is None else tuple(torch.from_numpy(b) for b in biases))
+        return self._experts[int(logical)].nbytes
 
-    def export(self, logical: int) -> dict[str, np.ndarray]:
-        """A hosted replica's weights as numpy arrays, for `load_from` on another worker."""
-        w13, w2 = self._experts[int(logical)]
-        w1, w3 = w13.chunk(2, dim=0)
-        return {"w1": w1.cpu().numpy(), "w3": w3.cpu().numpy(), "w2": w2.cpu().numpy()}
+    def export(self, logical: int) -> dict:
+        """A hosted replica's weights, as stored, for `load_from` on another worker: each of
+        w1, w3, w2 a numpy array (float32 / float16) or raw bytes with their dtype and shape
+        (BF16, FP8 and MXFP4, which numpy has no type for; see `quant.to_wire`)."""
+        expert = self._experts[int(logical)]
+        w1, w3, w2 = expert.split()
+        wire = {"w1": quant.to_wire(w1), "w3": quant.to_wire(w3), "w2": quant.to_wire(w2)}
+        biases = expert.split_biases()
+        if biases is not None:  # float32 b1, b3, b2 (gpt-oss)
+            wire["biases"] = [b.cpu().numpy() for b in biases]
+        return wire
 
-    def _install(self, logical: int, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> None:
-        self._experts[logical] = (fuse_w13(w1, w3).to(self.device), w2.contiguous().to(self.device))
+    def _install(self, logical: int, w1, w3, w2, biases=None) -> None:
+        self._experts[logical] = HeldExpert.of(w1, w3, w2, self.device, biases)
         self._expert_tokens.setdefault(logical, 0)
 
-    def _bytes(self, logical: int) -> int:
-        w13, w2 = self._experts[logical]
-        return (w13.numel() + w2.numel()) * w13.element_size()
+    def weight_bytes(self) -> int:
+        """Bytes of the weights (and scales) of every replica held here."""
+        return sum(e.nbytes for e in list(self._experts.values()))  # a copy: `stats` runs beside `load`
+
+    def storage_bytes(self) -> int:
+        """Bytes of the distinct tensor storages behind the replicas held here: what they keep
+        allocated (a replica that were a view of something larger would count it whole)."""
+        storages = {}
+        for expert in self._experts.values():
+            for t in expert.tensors():
+                storage = t.untyped_storage()
+                storages[(storage.device, storage.data_ptr())] = storage.nbytes()
+        return sum(storages.values())
 
     def unload(self, experts: list[int]) -> None:
         for logical in experts:
@@ -166,6 +189,8 @@ class ExpertWorker:
             torch.from_numpy(offsets),
             torch.from_numpy(token_idx).to(self.device),
             torch.from_numpy(share.weights).to(self.device),
+            self.compute_dtype,
+            self.spec.expert,
         )
         for e, n in zip(expert_ids.tolist(), np.diff(offsets).tolist()):
             self._expert_tokens[e] += n
@@ -187,10 +212,12 @@ class ExpertWorker:
 
     @ray.method(concurrency_group=CONTROL_GROUP, enable_task_events=False)
     def stats(self) -> dict:
-        """Counters since start: calls, tokens, busy seconds, tokens per hosted replica."""
+        """Counters since start: calls, tokens, busy seconds, tokens per hosted replica; and the
+        bytes the replicas' weights hold now."""
         return {
             "index": self.index,
             "replicas": len(self._experts),
+            "weight_bytes": self.weight_bytes(),
             "calls": self._calls,
             "skipped": self._skipped,
             "tokens": self._tokens,

@@ -1,7 +1,8 @@
 """`moe-serve`: serve a model, send it requests, run the demo, look at and change a running
 model's load and placement (`load`, `placement show|plan|apply|export|import`, `rebalance`), or
 run it as a long-lived service on a Ray cluster (`deploy`, `status`, `scale`, `shutdown`), or check
-it end to end against Hugging Face transformers (`verify`)."""
+it end to end against Hugging Face transformers (`verify`), or see whether a checkpoint fits its
+workers' memory before starting anything (`plan`)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numpy as np
 from rich.console import Console
 from rich.markup import escape
 
-from cluster.app import admin_cli, service_cli, simulate_cli, verify_cli
+from cluster.app import admin_cli, plan_cli, service_cli, simulate_cli, verify_cli
 from cluster.app.client_flags import add_client_flags, client_credentials
 from cluster.app.console import load_progress, summary_table
 from cluster.config import ConfigError, ServeConfig, load_config
@@ -161,9 +162,10 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     service_cli.add_service_parsers(sub)
     simulate_cli.add_simulate_parser(sub)
     verify_cli.add_verify_parser(sub)
+    plan_cli.add_plan_parser(sub)
     args = parser.parse_args(argv)
     handlers = {**HANDLERS, **admin_cli.HANDLERS, **service_cli.HANDLERS, **simulate_cli.HANDLERS,
-                **verify_cli.HANDLERS}
+                **verify_cli.HANDLERS, **plan_cli.HANDLERS}
     try:
         return handlers[args.command](args, console)
     except (ConfigError, ValueError, TypeError, OSError) as err:

@@ -76,21 +76,33 @@ def placement_table(model: str, placement: dict, layers: Sequence[int], num_expe
 
 def worker_load_table(workers: list[dict]) -> Table:
     """workers: dicts with `index, node_id, replicas, calls, tokens, busy_s, outstanding_tokens`
-    (counters since the workers started; outstanding: tokens in hand now)."""
+    (counters since the workers started; outstanding: tokens in hand now), and `weight_bytes`
+    (what the replicas' weights hold now) where the workers report it."""
     rates = bool(workers) and "busy_fraction" in workers[0]  # the service's status has rates too
+    memory = any("weight_bytes" in w for w in workers)
     table = Table(title="workers")
-    columns = ["worker", "node", "replicas", "calls", "tokens", "busy s", "outstanding"]
+    columns = ["worker", "node", "replicas"] + (["weights"] if memory else []) + ["calls", "tokens", "busy s",
+                                                                                  "outstanding"]
     columns += ["tokens/s", "busy"] if rates else []
     for col in columns:
         table.add_column(col, justify="left" if col == "node" else "right")
     for w in workers:
         index = f"{w['index']} [red]down[/]" if w.get("down") else str(w["index"])
-        cells = [index, str(w["node_id"])[:12], str(w["replicas"]), str(w["calls"]), str(w["tokens"]),
-                 f"{w['busy_s']:.2f}", str(w["outstanding_tokens"])]
+        cells = [index, str(w["node_id"])[:12], str(w["replicas"])]
+        cells += [format_bytes(w.get("weight_bytes", 0))] if memory else []
+        cells += [str(w["calls"]), str(w["tokens"]), f"{w['busy_s']:.2f}", str(w["outstanding_tokens"])]
         if rates:
             cells += [f"{w['tokens_per_s']:,.0f}", f"{w['busy_fraction']:.0%}"]
         table.add_row(*cells)
     return table
+
+
+def format_bytes(n: int) -> str:
+    """`1.50 GiB`, `12.0 MiB`, `512 KiB`: bytes for people."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
+    return f"{n} B"
 
 
 def worker_events_table(events: list[dict], title: str = "recent worker faults") -> Table:
@@ -169,6 +181,9 @@ def service_summary(status: dict) -> Table:
         "balancedness (min layer)": f"{min(status['balancedness']):.3f}",
         "autoscaler": status["autoscaler"]["mode"],
     }
+    held = [w["weight_bytes"] for w in status["workers"] if "weight_bytes" in w]
+    if held:
+        rows["expert weights held"] = f"{format_bytes(sum(held))} (most on one worker: {format_bytes(max(held))})"
     generation = status.get("generation")
     if generation:
         routers = generation["routers"]

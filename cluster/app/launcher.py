@@ -92,6 +92,7 @@ class RouterSide:
         never serves with a placement the control plane has moved past."""
         router = config.router
         metrics = RouterMetrics([self.router.name]) if config.monitoring.enabled else None
+        self.router.skip_metrics = metrics  # expert-tokens dropped by expert skipping
         models = {self.router.name: self.router}
         shared = router.bounds[1] > 1  # several routers of the model may share the ports on a node
         self.server = await start_server(
@@ -130,7 +131,8 @@ def attach_text_model(config: ServeConfig, weights: WeightSource, router: ModelR
     metrics = GenerationMetrics(config.model.name, router.router_id) if config.monitoring.enabled else None
     try:
         router.text = build_text_model(config.model.name, checkpoint, weights.dense_tensors(), weights.spec.moe_layers,
-                                       router.moe, settings, gen.device, gen.default_max_tokens, metrics)
+                                       router.moe, settings, gen.device, gen.default_max_tokens, metrics,
+                                       expert_skip_threshold=router.expert_skip_threshold)
     except DenseWeightsError as err:
         return f"{checkpoint} holds no usable dense weights ({err})"
     return None
@@ -164,7 +166,8 @@ def build_router(config: ServeConfig, spec: ModelSpec, gates: dict[int, GateWeig
                                 max_worker_inflight_tokens=config.router.max_worker_inflight_tokens,
                                 share_timeout_s=config.router.share_timeout_s,
                                 share_timeout_factor=config.router.share_timeout_factor)
-    router = ModelRouter(config.model.name, layer, config.router, router_id=router_id)
+    router = ModelRouter(config.model.name, layer, config.router, router_id=router_id,
+                         expert_skip_threshold=config.model.expert_skip_threshold)
     return RouterSide(router_id, router, store, backend)
 
 

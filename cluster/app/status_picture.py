@@ -93,9 +93,13 @@ def _workers(ax, workers: list[dict], window: str) -> None:
     ax.set_title(PANELS[2] + window)
     index = [w["index"] for w in workers]
     ax.bar(index, [w.get("tokens_per_s", 0.0) for w in workers], color="tab:blue", label="expert-tokens/s")
-    ax.set_xlabel("worker")
     ax.set_ylabel("expert-tokens/s")
-    ax.set_xticks(index)
+    if any("weight_bytes" in w for w in workers):  # each worker's expert weights under its number
+        ax.set_xlabel("worker (and the bytes its replicas' weights hold)")
+        ax.set_xticks(index, [f"{w['index']}\n{w.get('weight_bytes', 0) / 2**20:,.1f} MiB" for w in workers])
+    else:
+        ax.set_xlabel("worker")
+        ax.set_xticks(index)
     busy = ax.twinx()
     busy.plot(index, [w.get("busy_fraction", 0.0) for w in workers], "o", color="tab:red", label="busy fraction")
     busy.set_ylim(0, 1.05)

@@ -24,9 +24,15 @@ import numpy as np
 import torch
 
 from cluster.model_spec import ModelSpec
+from router_service.generation.dense_model import (
+    MOE_BLOCK_NAMES,
+    TUPLE_BLOCKS,
+    causal_lm_class,
+    decoder_layers,
+    moe_block_name,
+)
 
 LOGIT_REL_TOL = 1e-4  # float32 sums in another order: ~1e-6; a wrong expert or weight: > 1e-2
-MOE_BLOCK_NAMES = ("mlp", "block_sparse_moe")  # the MoE block's attribute in a decoder layer
 
 
 @dataclass(frozen=True)
@@ -64,23 +70,25 @@ class VerifyReport:
 def load_hf_model(checkpoint: str) -> torch.nn.Module:
     """The checkpoint's causal LM in float32, eval mode; a clear error without `transformers`."""
     try:
-        from transformers import AutoModelForCausalLM
+        import transformers
     except ImportError:
         raise SystemExit("moe-serve verify needs Hugging Face transformers: pip install 'transformers>=5.25,<6'") from None
-    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+    config = transformers.AutoConfig.from_pretrained(checkpoint)
+    return causal_lm_class(config).from_pretrained(checkpoint, dtype=torch.float32).eval()
 
 
 def moe_blocks(model: torch.nn.Module, spec: ModelSpec) -> dict[int, torch.nn.Module]:
     """`{layer: MoE block module}` of the decoder layers `spec` serves."""
-    layers = model.model.layers
+    layers = decoder_layers(model)
     if len(layers) != spec.num_hidden_layers:
         raise ValueError(f"the model has {len(layers)} decoder layers, the served spec {spec.num_hidden_layers}")
     blocks = {}
     for layer in spec.moe_layers:
-        found = [getattr(layers[layer], n) for n in MOE_BLOCK_NAMES if hasattr(layers[layer], n)]
-        if not found:
+        name = moe_block_name(layers[layer])
+        if name is None:
             raise ValueError(f"decoder layer {layer} has none of {MOE_BLOCK_NAMES}")
-        blocks[layer] = found[0]
+        blocks[layer] = getattr(layers[layer], name)
     return blocks
 
 
@@ -95,12 +103,15 @@ class ServedBlocks:
         self.calls = 0
 
     def _forward(self, layer: int):
-        def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        as_tuple = type(self._blocks[layer]).__name__ in TUPLE_BLOCKS  # (output, router scores): scores unused
+
+        def forward(hidden_states: torch.Tensor):
             x = hidden_states.reshape(-1, hidden_states.shape[-1]).to(torch.float32).contiguous().numpy()
             answer = self._client.infer(self._name, x, layer=layer, timeout_s=self._timeout_s)
             self.calls += 1
             y = torch.from_numpy(np.ascontiguousarray(answer.hidden_states))
-            return y.reshape(hidden_states.shape).to(hidden_states.dtype)
+            y = y.reshape(hidden_states.shape).to(hidden_states.dtype)
+            return (y, None) if as_tuple else y
         return forward
 
     def __enter__(self) -> ServedBlocks:
@@ -166,13 +177,20 @@ def verify_at(address: str, name: str, model: torch.nn.Module, spec: ModelSpec, 
 
 
 async def serve_and_verify(checkpoint: str, model: torch.nn.Module, spec: ModelSpec, workers: int = 2,
-                           name: str = "moe", progress=None, **options) -> VerifyReport:
-    """Serve `checkpoint` in this process (Ray connected), `verify_at` it, and stop serving."""
+                           name: str = "moe", progress=None, compute_dtype: str = "float32",
+                           **options) -> VerifyReport:
+    """Serve `checkpoint` in this process (Ray connected), `verify_at` it, and stop serving.
+
+    The experts are held as the checkpoint stores them (BF16, FP8, ...) and, by default, computed
+    in float32 (`compute_dtype`), as the float32 `transformers` model computes: the check is then
+    to float32 precision whatever the checkpoint's dtype. BF16 math would differ from it by BF16
+    rounding, more than `LOGIT_REL_TOL`."""
     from cluster.app.launcher import deploy
     from cluster.config import ServeConfig
 
     config = ServeConfig().with_overrides(**{
-        "model.checkpoint": os.path.abspath(checkpoint), "model.name": name, "router.port": 0, "workers.count": workers})
+        "model.checkpoint": os.path.abspath(checkpoint), "model.name": name, "router.port": 0, "workers.count": workers,
+        "workers.compute_dtype": compute_dtype})
     deployment = await deploy(config, progress)
     try:
         return await asyncio.to_thread(verify_at, deployment.address, name, model, spec, **options)

@@ -63,6 +63,9 @@ def panels() -> list[dict]:
                "percentunit"),
         _panel("expert load (expert-tokens/s)", [(_gauge("expert_tokens_per_s", "layer, expert"), "{{layer}}:{{expert}}")],
                "short", "heatmap", "per (layer, expert) for models up to monitoring.expert_series logical experts"),
+        _panel("expert-tokens skipped/s per MoE layer", [(_rate("skipped_expert_tokens", "layer"), "layer {{layer}}")],
+               description="expert skipping (model.expert_skip_threshold, or a request's expert_skip_threshold): "
+                           "assignments dropped, never sent to a worker; the expert load beside them counts what was sent"),
         _panel("replicas per expert", [(_gauge("expert_replicas", "layer, expert"), "{{layer}}:{{expert}}")]),
         _panel("hottest experts (by rank)", [(_gauge("hot_expert_tokens_per_s", "rank"), "rank {{rank}}"),
                                              (_gauge("hot_expert_id", "rank"), "expert id at rank {{rank}}")],

@@ -6,7 +6,8 @@ Every name starts with `moe_serve_`; labels are bounded: model, gRPC status code
 worker index, and (layer, expert) only while a model has at most `expert_series` logical
 experts; beyond that the hottest `top_n` are exported by rank. No label is per request.
 
-`RouterMetrics` is recorded by the router (request count by status, latency, tokens, queue);
+`RouterMetrics` is recorded by the router (request count by status, latency, tokens, queue,
+expert-tokens dropped by expert skipping);
 `GenerationMetrics` by a router's generation engine (time to first token, time per output
 token, end-to-end latency, prompt and generated tokens, running and waiting sequences, KV cache
 use); `ControlMetrics` by the control plane (balancedness, per-expert load and replicas, per-worker
@@ -30,6 +31,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "request_latency_s": ("histogram", "inference request latency in seconds, as the router sees it", ("model",)),
     "tokens": ("counter", "tokens served (rate: tokens/s)", ("model",)),
     "queue_tokens": ("gauge", "tokens waiting in the router's batch queue", ("model",)),
+    "skipped_expert_tokens": ("counter", ("(token, expert) assignments dropped by expert skipping (not sent to any "
+                                          "worker, no routed load), per MoE layer"), ("model", "layer")),
     "balancedness": ("gauge", "mean / max worker load of the placement in service, per MoE layer", ("model", "layer")),
     "expert_tokens_per_s": ("gauge", "routed expert-tokens per second per logical expert (small models)", ("model", "layer", "expert")),
     "expert_replicas": ("gauge", "replicas per logical expert (small models)", ("model", "layer", "expert")),
@@ -97,6 +100,7 @@ class RouterMetrics:
         self._latency = _make("request_latency_s")
         self._tokens = _make("tokens")
         self._queue = _make("queue_tokens")
+        self._skipped = _make("skipped_expert_tokens")
 
     def record_request(self, model: str, code: str, latency_s: float, tokens: int) -> None:
         label = model if model in self._models else "(unknown)"  # a client's typo is not a new series
@@ -108,6 +112,10 @@ class RouterMetrics:
 
     def queue(self, model: str, tokens: int) -> None:
         self._queue.set(tokens, tags={"model": model})
+
+    def skipped(self, model: str, layer: int, expert_tokens: int) -> None:
+        """`expert_tokens` assignments of MoE layer `layer` dropped by expert skipping (> 0)."""
+        self._skipped.inc(expert_tokens, tags={"model": model, "layer": str(layer)})
 
 
 class GenerationMetrics:

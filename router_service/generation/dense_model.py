@@ -16,11 +16,39 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import torch
 
+from cluster import model_spec
 from router_service.generation import attention
 from router_service.generation.attention import LAYOUT_KWARG, StepLayout
 from router_service.generation.kv_cache import LayerShape, ShapeProbe
 
-MOE_BLOCK_NAMES = ("mlp", "block_sparse_moe")  # a decoder layer's MoE block, as transformers names it
+# a decoder layer's MoE block, as transformers names it (Llama 4 `feed_forward`, DBRX `ffn`)
+MOE_BLOCK_NAMES = ("mlp", "block_sparse_moe", "feed_forward", "ffn")
+# MoE blocks whose forward returns `(output, router scores or logits)`, not the output alone
+TUPLE_BLOCKS = ("GptOssMLP", "Llama4TextMoe")
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers of a causal LM: `model.layers`, DBRX's `transformer.blocks`."""
+    inner = getattr(model, "model", None) or getattr(model, "transformer", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        layers = getattr(inner, "blocks", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no decoder layers at model.layers or transformer.blocks")
+    return layers
+
+
+def causal_lm_class(config) -> type:
+    """`cluster.model_spec.causal_lm_class`, refusing as a `DenseWeightsError`."""
+    try:
+        return model_spec.causal_lm_class(config)
+    except ValueError as err:
+        raise DenseWeightsError(str(err)) from None
+
+
+def moe_block_name(decoder: torch.nn.Module) -> str | None:
+    """The attribute of `decoder` that holds its MoE block, or None."""
+    return next((n for n in MOE_BLOCK_NAMES if hasattr(decoder, n)), None)
 MoEFn = Callable[[int, torch.Tensor], Awaitable[torch.Tensor]]  # (layer, [N, H]) -> [N, H]
 
 
@@ -29,15 +57,29 @@ class DenseWeightsError(ValueError):
 
 
 class MoEHole(torch.nn.Module):
-    """Stands where an MoE block was: keeps its input for the expert pool, adds nothing."""
+    """Stands where an MoE block was: keeps its input for the expert pool, adds nothing (as
+    `(zeros, None)` where the block returned `(output, router scores)`: gpt-oss, Llama 4)."""
 
-    def __init__(self):
+    def __init__(self, as_tuple: bool = False):
         super().__init__()
         self.taken: torch.Tensor | None = None
+        self.as_tuple = as_tuple
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor):
         self.taken = hidden_states
-        return torch.zeros_like(hidden_states)
+        zeros = torch.zeros_like(hidden_states)
+        return (zeros, None) if self.as_tuple else zeros
+
+
+def unsupported_attention(config) -> str | None:
+    """What the paged attention cannot do for this config, or None: Llama 4's attention
+    temperature tuning on its no-RoPE layers computes positions from the cache's length, which a
+    flat batch of many sequences does not have."""
+    no_rope = [i for i, use in enumerate(getattr(config, "no_rope_layers", None) or []) if not use]
+    if getattr(config, "attn_temperature_tuning", False) and no_rope:
+        return (f"Llama 4 attention temperature tuning (attn_temperature_tuning) on its no-RoPE layers {no_rope} "
+                f"is not supported by the paged attention")
+    return None
 
 
 class DenseModel:
@@ -47,29 +89,35 @@ class DenseModel:
 
     def __init__(self, config, tensors: Mapping[str, torch.Tensor], moe_layers: Sequence[int],
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        from transformers import AutoModelForCausalLM
-
         attention.register()
+        missing = unsupported_attention(config)
+        if missing:
+            raise DenseWeightsError(f"{missing}: this model serves MoE layers only, not generation")
         config._attn_implementation = attention.IMPLEMENTATION
         self.config, self.device, self.dtype = config, torch.device(device), dtype
         self.moe_layers = tuple(moe_layers)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = causal_lm_class(config)(config)
+        inner = getattr(model, "model", None) or model.transformer  # DBRX: transformer.{wte, blocks, norm_f}
+        self.layers = decoder_layers(model)
         self.holes: dict[int, MoEHole] = {}
         for layer in self.moe_layers:
-            decoder = model.model.layers[layer]
-            name = next((n for n in MOE_BLOCK_NAMES if hasattr(decoder, n)), None)
+            decoder = self.layers[layer]
+            name = moe_block_name(decoder)
             if name is None:
                 raise DenseWeightsError(f"decoder layer {layer} has no MoE block named {' or '.join(MOE_BLOCK_NAMES)}")
-            self.holes[layer] = MoEHole()
+            self.holes[layer] = MoEHole(type(getattr(decoder, name)).__name__ in TUPLE_BLOCKS)
             setattr(decoder, name, self.holes[layer])
         _load(model, tensors, dtype, self.device)
-        model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(self.device)
+        inner.rotary_emb = type(inner.rotary_emb)(config=config).to(self.device)
+        self.embed = getattr(inner, "embed_tokens", None) or inner.wte
+        self.norm = getattr(inner, "norm", None) or inner.norm_f
+        self.rotary_emb = inner.rotary_emb
         self.model = model.eval()
-        self._cache_kwarg = _cache_kwarg(type(model.model.layers[0]))
+        self._cache_kwarg = _cache_kwarg(type(self.layers[0]))
 
     def __repr__(self) -> str:
-        return (f"DenseModel({type(self.model).__name__}, layers={len(self.model.model.layers)}, "
+        return (f"DenseModel({type(self.model).__name__}, layers={len(self.layers)}, "
                 f"moe_layers={list(self.moe_layers)}, device={self.device})")
 
     @property
@@ -86,11 +134,12 @@ class DenseModel:
         layout = StepLayout(torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64),
                             torch.zeros(1, dtype=torch.int64), [1], [1])
         with torch.inference_mode():
-            hidden = self.model.model.embed_tokens(torch.zeros(1, 1, dtype=torch.int64, device=self.device))
-            embeddings = self.model.model.rotary_emb(hidden, layout.positions.unsqueeze(0).to(self.device))
-            for decoder in self.model.model.layers:
-                hidden = decoder(hidden, position_embeddings=embeddings, **{self._cache_kwarg: probe},
-                                 **{LAYOUT_KWARG: layout})
+            positions = layout.positions.unsqueeze(0).to(self.device)
+            hidden = self.embed(torch.zeros(1, 1, dtype=torch.int64, device=self.device))
+            embeddings = self.rotary_emb(hidden, positions)
+            for decoder in self.layers:
+                hidden = decoder(hidden, position_embeddings=embeddings, position_ids=positions,
+                                 **{self._cache_kwarg: probe}, **{LAYOUT_KWARG: layout})
         return probe.shapes
 
     async def forward(self, input_ids: torch.Tensor, layout: StepLayout, cache, moe: MoEFn) -> torch.Tensor:
@@ -98,11 +147,12 @@ class DenseModel:
         says) -> `[N, H]` hidden states after the final norm, keys and values stored in `cache`
         (a `PagedKVCache`; passes over disjoint sequences may run at once);
         `moe(layer, x)` computes an MoE layer's output for `x` `[N, H]`."""
-        kwargs = {self._cache_kwarg: cache.step(layout), LAYOUT_KWARG: layout}
+        positions = layout.positions.to(self.device).unsqueeze(0)
+        kwargs = {self._cache_kwarg: cache.step(layout), LAYOUT_KWARG: layout, "position_ids": positions}
         with torch.inference_mode():
-            hidden = self.model.model.embed_tokens(input_ids.to(self.device).unsqueeze(0))
-            embeddings = self.model.model.rotary_emb(hidden, layout.positions.to(self.device).unsqueeze(0))
-        for index, decoder in enumerate(self.model.model.layers):
+            hidden = self.embed(input_ids.to(self.device).unsqueeze(0))
+            embeddings = self.rotary_emb(hidden, positions)
+        for index, decoder in enumerate(self.layers):
             with torch.inference_mode():
                 hidden = decoder(hidden, position_embeddings=embeddings, **kwargs)
             hole = self.holes.get(index)
@@ -112,7 +162,7 @@ class DenseModel:
                 with torch.inference_mode():
                     hidden = hidden + out.to(device=hidden.device, dtype=hidden.dtype).unsqueeze(0)
         with torch.inference_mode():
-            return self.model.model.norm(hidden)[0]
+            return self.norm(hidden)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """`[n, H]` final hidden states -> `[n, vocab]` float32 logits."""
@@ -148,7 +198,7 @@ def _load(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], dtype: to
         module = model.get_submodule(module_name)
         setattr(module, name, torch.nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=False))
     if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        model.lm_head.weight = model.get_input_embeddings().weight
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta and "rotary_emb" not in n]
     if left:
         raise DenseWeightsError(f"no values for {left[:3]} ({len(left)} in all)")

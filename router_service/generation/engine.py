@@ -6,6 +6,8 @@ sequences run and how many tokens each computes, hand out the blocks it asked fo
 model over the flat batch (every MoE layer goes to the expert pool once for the whole batch),
 sample a token for each sequence that finished its pending tokens, and hand each request its news.
 A sequence whose MoE tokens could not be served (no live replica) fails alone; the others go on.
+Expert skipping is per sequence (`SamplingParams.expert_skip_threshold`): a step whose sequences
+skip passes the MoE call each token's threshold, a step where none does passes none.
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ from router_service.generation.kv_cache import BlockAllocator, PagedKVCache
 from router_service.generation.params import SamplingParams
 from router_service.generation.sampling import sample
 from router_service.generation.scheduler import Scheduled, SchedulerConfig, SeqState, schedule, split_microbatches
+from router_service.skipping import token_thresholds
 
 log = logging.getLogger(__name__)
 
-# (layer, hidden [N, H], groups [N]: the sequence of each token) -> (output [N, H], failed [N] bool or None, why)
-MoECall = Callable[[int, torch.Tensor, np.ndarray],
-                   Awaitable[tuple[torch.Tensor, torch.Tensor | None, ServingError | None]]]
+# (layer, hidden [N, H], groups [N]: the sequence of each token[, thresholds [N]: each token's expert
+# skip threshold, given only when some sequence skips]) -> (output [N, H], failed [N] bool or None, why)
+MoECall = Callable[..., Awaitable[tuple[torch.Tensor, torch.Tensor | None, ServingError | None]]]
 
 
 @dataclass(frozen=True)
@@ -281,9 +284,12 @@ class GenerationEngine:
         failed = torch.zeros(layout.num_tokens, dtype=torch.bool)
         failures: list[ServingError] = []
         groups = np.repeat(np.arange(len(batch)), layout.q_lens)  # a poison sequence fails alone
+        thresholds = token_thresholds([seq.params.expert_skip_threshold or 0.0 for seq in batch],
+                                      [item.tokens for item in scheduled])
+        skip = () if thresholds is None else (thresholds,)
 
         async def moe(layer: int, hidden: torch.Tensor) -> torch.Tensor:
-            out, bad, why = await self._moe(layer, hidden, groups)
+            out, bad, why = await self._moe(layer, hidden, groups, *skip)
             if bad is not None:
                 failed.logical_or_(bad)
                 failures.append(why)

@@ -23,7 +23,9 @@ class SamplingParams:
     the same request gives the same tokens whatever else runs beside it; stop: strings that end
     the output (not included in it); logprobs: with each token, its log-probability under the
     model and the `logprobs` most likely alternatives (None: none); ignore_eos: go on past
-    end-of-sequence tokens (benchmarks).
+    end-of-sequence tokens (benchmarks); expert_skip_threshold: drop the routed experts whose
+    renormalised gate weight is below it, keeping the top one (`router_service.skipping`; 0:
+    none; None: the model's `model.expert_skip_threshold`).
     """
 
     max_tokens: int = 16
@@ -34,6 +36,7 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     logprobs: int | None = None
     ignore_eos: bool = False
+    expert_skip_threshold: float | None = None
 
     def __post_init__(self) -> None:
         _integer("max_tokens", self.max_tokens, low=1)
@@ -52,6 +55,11 @@ class SamplingParams:
             raise InvalidRequest(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
         if self.logprobs is not None:
             _integer("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
+        if self.expert_skip_threshold is not None:
+            _number("expert_skip_threshold", self.expert_skip_threshold)
+            if not 0 <= self.expert_skip_threshold < 1:
+                raise InvalidRequest(f"expert_skip_threshold must be in [0, 1) (0: no expert skipping), "
+                                     f"got {self.expert_skip_threshold}")
 
     @property
     def greedy(self) -> bool:

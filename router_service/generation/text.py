@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,13 +37,16 @@ def has_tokenizer(checkpoint: str | Path) -> bool:
 
 
 class TextModel:
-    """name: what clients call the model; default_max_tokens: new tokens when a request does not say."""
+    """name: what clients call the model; default_max_tokens: new tokens when a request does not
+    say; expert_skip_threshold: the model's expert skipping, for requests that do not set theirs."""
 
-    def __init__(self, name: str, engine: GenerationEngine, tokenizer, default_max_tokens: int = 16):
+    def __init__(self, name: str, engine: GenerationEngine, tokenizer, default_max_tokens: int = 16,
+                 expert_skip_threshold: float = 0.0):
         self.name = name
         self.engine = engine
         self.tokenizer = tokenizer
         self.default_max_tokens = default_max_tokens
+        self.expert_skip_threshold = expert_skip_threshold
         self.vocab_size = engine.model.vocab_size
 
     def __repr__(self) -> str:
@@ -89,6 +93,9 @@ class TextModel:
         return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> GenerationStream:
+        """Queue a request; a request that sets no `expert_skip_threshold` gets the model's."""
+        if params.expert_skip_threshold is None:
+            params = replace(params, expert_skip_threshold=self.expert_skip_threshold)
         return self.engine.submit(prompt_ids, params)
 
     def token_text(self, token_id: int) -> str:
@@ -100,10 +107,11 @@ class TextModel:
 
 def build_text_model(name: str, checkpoint: str | Path, tensors: Mapping[str, torch.Tensor],
                      moe_layers: Sequence[int], moe: MoECall, settings: EngineSettings, device: str = "auto",
-                     default_max_tokens: int = 16, metrics: GenerationMetrics | None = None) -> TextModel:
+                     default_max_tokens: int = 16, metrics: GenerationMetrics | None = None,
+                     expert_skip_threshold: float = 0.0) -> TextModel:
     """The checkpoint's text model: its config, tokenizer and chat template from `checkpoint`,
     the dense tensors from `tensors`; the MoE layers go to `moe`. DenseWeightsError when the
-    tensors are not the model's dense part."""
+    tensors are not the model's dense part. expert_skip_threshold: the model's (0: off)."""
     from transformers import AutoConfig, AutoTokenizer
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -112,7 +120,7 @@ def build_text_model(name: str, checkpoint: str | Path, tensors: Mapping[str, to
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     engine = GenerationEngine(model, tokenizer, moe, settings, _eos_ids(checkpoint, config, tokenizer), metrics)
     log.info("text model %r: %s, %s", name, model, engine)
-    return TextModel(name, engine, tokenizer, default_max_tokens)
+    return TextModel(name, engine, tokenizer, default_max_tokens, expert_skip_threshold)
 
 
 def _eos_ids(checkpoint: str | Path, config, tokenizer) -> list[int]:

@@ -11,6 +11,7 @@ import asyncio
 import pytest
 import ray
 import torch
+import transformers
 
 from cluster.control.metrics import GENERATION_METRICS, exported_name
 from router_service.generation.params import SamplingParams
@@ -55,24 +56,42 @@ def _all(served: Served, server_loop, prompts: list[list[int]], params: Sampling
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
 
 
-def _deploy(deploy_served, tmp_path, family: TinyFamily, **generation) -> tuple[Served, torch.nn.Module]:
+def _deploy(deploy_served, tmp_path, family: TinyFamily, http: bool = False,
+            **generation) -> tuple[Served, torch.nn.Module]:
     path = tmp_path / family.name
     model = family.save(path)
-    config = serve_config(f"it-gen-{family.name}", checkpoint=str(path), workers=2, router=NO_HTTP).with_overrides(
+    router = None if http else NO_HTTP
+    config = serve_config(f"it-gen-{family.name}", checkpoint=str(path), workers=2, router=router).with_overrides(
         **{"rebalance.enabled": False, **{f"generation.{k}": v for k, v in generation.items()}})
     start, _ = deploy_served
     return start(config), model
 
 
+def _over_http(served: Served, prompt_ids: list[int]) -> list[str]:
+    """One greedy completion through the OpenAI endpoint (token ids in), as the stock client
+    reads it: the generated tokens' strings."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{served.deployment.server.http.port}/v1", api_key="x",
+                           max_retries=0, timeout=60)
+    with client:
+        answer = client.completions.create(model=served.name, prompt=[prompt_ids], max_tokens=NEW_TOKENS,
+                                           temperature=0, logprobs=0, extra_body={"ignore_eos": True})
+    return answer.choices[0].logprobs.tokens
+
+
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
 def test_greedy_generation_equals_transformers_alone_and_batched(family, deploy_served, server_loop, tmp_path):
-    served, model = _deploy(deploy_served, tmp_path, family)
+    """Every family: one prompt through the OpenAI endpoint, three alone through the engine, and 16
+    prompts batched together give `transformers`' own greedy tokens."""
+    served, model = _deploy(deploy_served, tmp_path, family, http=True)
     try:
         text = served.deployment.router.text
         assert text is not None and served.deployment.side.text_note is None
         prompts = [text.prompt_ids(p) for p in PROMPTS]
         want = [_reference(model, p) for p in prompts]
 
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / family.name)
+        assert _over_http(served, prompts[0]) == [tokenizer.decode([t]) for t in want[0]]
         alone = [_all(served, server_loop, [p], GREEDY)[0] for p in prompts[:3]]
         together = _all(served, server_loop, prompts, GREEDY)
 

@@ -72,7 +72,12 @@ def hf_served(request, deploy_served, tmp_path_factory) -> Iterator[HFServed]:
     model = saved.float().eval()
 
     start, stop = deploy_served
-    served = start(serve_config(f"it-hf-{case.name}", checkpoint=str(path), workers=2))
+    # the workers hold the BF16 experts as BF16; float32 math on them equals the float32 model of
+    # the same weights to float32 rounding (BF16 math, the `auto` default on a CPU with AMX, is
+    # checked to BF16 precision in test_compact_weights.py)
+    config = serve_config(f"it-hf-{case.name}", checkpoint=str(path), workers=2).with_overrides(
+        **{"workers.compute_dtype": "float32"})
+    served = start(config)
     yield HFServed(case, served, model, path)
     stop(served)
 

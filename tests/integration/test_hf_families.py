@@ -1,7 +1,10 @@
 """Checkpoints of every family we serve, saved by `transformers` itself from its own config
 classes (`workers/tiny_models.py`): Mixtral, Qwen3-MoE, Qwen2-MoE (shared expert with a sigmoid gate), DeepSeek-V2 (greedy and
 group-limited, shared experts, a dense first layer) and DeepSeek-V3 (sigmoid scores with a
-correction bias, group-limited, shared experts).
+correction bias, group-limited, shared experts), GLM-4.5 MoE, Mistral 4 (stacked experts), DBRX
+(fused expert tensors, p-norm weights), gpt-oss (router bias, expert biases, clamped SwiGLU),
+Llama 4 (sigmoid top-1 scaling the expert's input, a shared expert) and a Mixtral whose experts
+are GELU-gated.
 
 For each: the spec comes from config.json; the served layer equals the family's own MoE block
 to float32 precision (and picks the same experts); the whole model generates the same greedy
@@ -17,7 +20,7 @@ import grpc
 import pytest
 import torch
 
-from cluster.app.verify import LOGIT_REL_TOL, verify
+from cluster.app.verify import LOGIT_REL_TOL, moe_blocks, verify
 from tests.integration.support import FP32_REL_TOL, MARKS, Served, hidden_states, rel_err, serve_config
 from workers.tiny_models import FAMILIES, TinyFamily
 
@@ -43,11 +46,34 @@ def family(request, deploy_served, tmp_path_factory) -> Iterator[FamilyServed]:
     stop(served)
 
 
+def _sizes(cfg) -> tuple[int, int, int]:
+    """(hidden, expert intermediate, top-k) as the family's own config object says."""
+    if hasattr(cfg, "ffn_config"):  # DBRX
+        return cfg.d_model, cfg.ffn_config.ffn_hidden_size, cfg.ffn_config.moe_top_k
+    inter = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    return cfg.hidden_size, inter, cfg.num_experts_per_tok
+
+
+def _block_routing(block: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, ids) `[T, k]` from the family's own router module."""
+    name = type(block).__name__
+    if name == "DbrxFFN":
+        return block.route_tokens_to_experts(block.router(x))
+    if name == "GptOssMLP":
+        _, weights, ids = block.router(x)
+        return weights, ids
+    if name == "Llama4TextMoe":
+        scores, logits = block.router(x)
+        ids = torch.topk(logits, block.top_k, dim=1).indices
+        return scores.gather(1, ids), ids
+    _, weights, ids = block.gate(x)
+    return weights, ids
+
+
 def test_spec_read_from_the_config(family: FamilyServed) -> None:
     spec, cfg = family.served.spec, family.hf.config
     assert spec.family == family.case.family
-    inter = cfg.intermediate_size if spec.family == "mixtral" else cfg.moe_intermediate_size
-    assert (spec.hidden_size, spec.intermediate_size, spec.top_k) == (cfg.hidden_size, inter, cfg.num_experts_per_tok)
+    assert (spec.hidden_size, spec.intermediate_size, spec.top_k) == _sizes(cfg)
     assert spec.dense_layers == family.case.dense and spec.num_shared_experts == family.case.shared
 
 
@@ -57,10 +83,11 @@ def test_served_layer_equals_the_family_block(family: FamilyServed, tokens: int)
     for layer in served.spec.moe_layers:
         x = hidden_states(tokens, served.spec.hidden_size, seed=10 * layer + tokens)
         got = served.client.infer(served.name, x, layer=layer, topk=True, timeout_s=60)
-        block = family.hf.model.layers[layer].mlp
+        block = moe_blocks(family.hf, served.spec)[layer]
         with torch.no_grad():
-            want = block(torch.from_numpy(x.copy()).unsqueeze(0)).squeeze(0)
-            _, weights, ids = block.gate(torch.from_numpy(x.copy()))
+            want = block(torch.from_numpy(x.copy()).unsqueeze(0))
+            want = (want[0] if isinstance(want, tuple) else want).reshape(tokens, -1)
+            weights, ids = _block_routing(block, torch.from_numpy(x.copy()))
         assert rel_err(got.hidden_states, want) < FP32_REL_TOL, f"layer {layer}"
         assert (torch.from_numpy(got.topk_ids.astype("int64")).sort(-1).values == ids.sort(-1).values).all()
         served_weights = torch.from_numpy(got.topk_weights.copy()).sort(-1).values
@@ -97,5 +124,5 @@ def test_model_metadata_names_the_moe_and_the_dense_layers(family: FamilyServed)
     assert params["moe_layers"].string_param == family.served.spec.describe_layers()
     assert params["dense_layers"].string_param == dense
     assert params["family"].string_param == family.case.family
-    assert params["top_k"].int64_param == family.hf.config.num_experts_per_tok
+    assert params["top_k"].int64_param == _sizes(family.hf.config)[2]
     assert params["num_shared_experts"].int64_param == family.case.shared

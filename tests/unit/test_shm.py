@@ -21,12 +21,7 @@ from protos import grpc_predict_v2_pb2 as pb
 from router_service.batcher import RequestResult
 from router_service.errors import InvalidRequest, Unsupported
 from router_service.servicer import InferenceServicer, status_code
-from router_service.shm import (
-    SHM_DIR,
-    SharedMemoryOff,
-    SharedMemoryRegistry,
-    object_path,
-)
+from router_service.shm import SHM_DIR, SharedMemoryOff, SharedMemoryRegistry, object_path
 from tests.unit.grpc_context import Aborted, FakeContext
 
 pytestmark = pytest.mark.filterwarnings("ignore:The given buffer is not writable:UserWarning")
@@ -347,7 +342,7 @@ class FakeModel:
     def __init__(self) -> None:
         self.seen: list[torch.Tensor] = []
 
-    async def infer(self, layer: int, hidden: torch.Tensor) -> RequestResult:
+    async def infer(self, layer: int, hidden: torch.Tensor, expert_skip_threshold: float | None = None) -> RequestResult:
         self.seen.append(hidden)
         tokens = hidden.shape[0]
         ids = torch.arange(tokens * K).reshape(tokens, K) % SPEC.num_experts

@@ -548,11 +548,11 @@ def test_an_unknown_deepseek_v2_routing_method_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize(("edit", "words"), [
-    (lambda c: c.update(hidden_act="gelu"), ["hidden_act", "gelu", "silu"]),
+    (lambda c: c.update(hidden_act="tanh"), ["hidden_act", "'tanh'", "not served", "silu", "gelu"]),
     (lambda c: c.update(n_group=3), ["n_group", "8", "3"]),
     (lambda c: c.update(topk_group=5), ["topk_group", "n_group"]),
-    (lambda c: c.update(quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]}),
-     ["quantized", "fp8", "BF16"]),
+    (lambda c: c.update(quantization_config={"quant_method": "awq", "bits": 4}),
+     ["quantization_config.quant_method", "'awq'", "not served", "'fp8'", "BF16"]),
     (lambda c: c.update(architectures=["GraniteMoeForCausalLM"]), ["GraniteMoeForCausalLM", "not supported",
                                                                     "DeepseekV3ForCausalLM"]),
 ])
