@@ -40,14 +40,17 @@ def dtype_name(array: np.ndarray) -> str:
 
 
 def build_request(model: str, hidden: np.ndarray, layer: int | None, topk: bool = False,
-                  datatype: str | None = None) -> pb.ModelInferRequest:
-    """hidden: `[T, H]`; BF16 callers pass the raw uint16 bit patterns and datatype="BF16"."""
+                  datatype: str | None = None, expert_skip_threshold: float | None = None) -> pb.ModelInferRequest:
+    """hidden: `[T, H]`; BF16 callers pass the raw uint16 bit patterns and datatype="BF16";
+    expert_skip_threshold: this request's expert skipping (None: the model's)."""
     datatype = datatype or dtype_name(hidden)
     request = pb.ModelInferRequest(model_name=model)
     request.inputs.add(name="hidden_states", datatype=datatype, shape=list(hidden.shape))
     request.raw_input_contents.append(np.ascontiguousarray(hidden).tobytes())
     if layer is not None:
         request.parameters["layer"].int64_param = layer
+    if expert_skip_threshold is not None:
+        request.parameters["expert_skip_threshold"].double_param = expert_skip_threshold
     for name in ("hidden_states", "topk_ids", "topk_weights") if topk else ("hidden_states",):
         request.outputs.add(name=name)
     return request
@@ -102,11 +105,12 @@ class MoEClient:
 
     def infer(self, model: str, hidden: np.ndarray, layer: int | None = None, topk: bool = False,
               timeout_s: float | None = None, datatype: str | None = None,
-              wait_for_ready: bool = False) -> InferResult:
+              wait_for_ready: bool = False, expert_skip_threshold: float | None = None) -> InferResult:
         """`wait_for_ready`: while the server is unreachable (e.g. restarting), wait for it
-        within the deadline instead of failing at once with UNAVAILABLE."""
-        response = self._stub.ModelInfer(build_request(model, hidden, layer, topk, datatype), timeout=timeout_s,
-                                         wait_for_ready=wait_for_ready)
+        within the deadline instead of failing at once with UNAVAILABLE. `expert_skip_threshold`:
+        this request's expert skipping, overriding the model's (None: the model's)."""
+        request = build_request(model, hidden, layer, topk, datatype, expert_skip_threshold)
+        response = self._stub.ModelInfer(request, timeout=timeout_s, wait_for_ready=wait_for_ready)
         return parse_response(response)
 
     def model_metadata(self, model: str, timeout_s: float | None = None) -> pb.ModelMetadataResponse:

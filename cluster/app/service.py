@@ -1,10 +1,12 @@
 """`moe-serve deploy`: the service as Ray actors that outlive the terminal that started them.
 
-- `ServiceController` (`<model>-controller`, detached): owns the control plane, so the workers
-  (`<model>-worker-NN`) are its children and live as long as it does, whatever happens to the
-  command line or the routers. It owns the routers too (`router.count` of them, between
+- `ServiceController` (`<model>-controller`, detached, restarted by Ray): runs the control
+  plane over the workers (`<model>-worker-NN`) and the routers (`router.count` of them, between
   `router.min_count` and `router.max_count`: data-parallel attention, scaled by `RouterScaler`
-  or by hand), and starts a router serving again when Ray restarts its actor after a crash.
+  or by hand). Workers and routers are detached actors too, so they serve on when the
+  controller's process dies; the restarted controller takes them over (`recover`: the newest
+  placement its routers serve, events and pinned counts from `service_state` in Ray's key-value
+  store), and it starts a router serving again when Ray restarts that router after a crash.
 - `RouterActor` (`cluster.app.router_actor`): one router, restarted by Ray.
 
 This module is the composition root for the actor layout, as `cluster.app.launcher` is for one

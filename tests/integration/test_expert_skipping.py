@@ -80,7 +80,8 @@ def test_threshold_zero_gives_exactly_the_unskipped_answer(main_server: Served, 
     zero_here = infer(main_server, x, layer=1, threshold=0.0)
     zero_there = infer(skipping, x, layer=1, threshold=0.0)  # overrides the model's 0.25
     zero_int = infer(skipping, x, layer=1, threshold=0, kind="int64_param")
-    for answer in (zero_here, zero_there, zero_int):
+    zero_client = skipping.client.infer(skipping.name, x, layer=1, topk=True, expert_skip_threshold=0.0, timeout_s=60)
+    for answer in (zero_here, zero_there, zero_int, zero_client):
         assert np.array_equal(answer.hidden_states, plain.hidden_states), "threshold 0 changed the answer"
         assert np.array_equal(answer.topk_weights, plain.topk_weights)
     assert rel_err(plain.hidden_states, main_server.expected(1, x)[0]) < FP32_REL_TOL
