@@ -110,7 +110,8 @@ class HFCheckpoint:
             )
         self.root = root
         self.spec, self.quant = _read_config(root / CONFIG_FILE)
-        scales = [scale_key(k) for k in _matrix_keys(self.spec, self.layout)] if self.quant.method == "fp8" else []
+        scales = [self.quant.scale_key(k) for k in _matrix_keys(self.spec, self.layout)] \
+            if self.quant.method == "fp8" else []
         self._files = key_files(root, _required_keys(self.spec, self.layout, self.quant.method), scales)
         self.spec = replace(self.spec, expert_dtype=self._expert_storage())
         self._check_shared_blocks()
@@ -178,12 +179,13 @@ class HFCheckpoint:
         handles: dict[str, Any] = {}
         tensors = {key: self._get(handles, key, name) for key, name in files.items()}
         for key in [k for k, t in tensors.items() if t.dtype in FP8_DTYPES]:
-            scales = tensors.pop(scale_key(key), None)
+            scales = tensors.pop(self.quant.scale_key(key), None)
             if scales is None:
-                raise CheckpointError(f"{self.root / files[key]}: tensor {scale_key(key)!r} not found: FP8 tensor "
-                                      f"{key!r} needs its scales")
+                raise CheckpointError(f"{self.root / files[key]}: tensor {self.quant.scale_key(key)!r} not found: FP8 "
+                                      f"tensor {key!r} needs its scales")
+            tensors.pop(key.removesuffix(".weight") + ".input_scale", None)  # static activation scales: not used
             try:
-                tensors[key] = fp8_matrix(key, tensors[key], scales, self.quant.block).dequantize(torch.float32)
+                tensors[key] = fp8_matrix(key, tensors[key], scales, self.quant).dequantize(torch.float32)
             except ValueError as exc:
                 raise CheckpointError(f"{self.root / files[key]}: {exc}") from None
         return tensors
@@ -229,13 +231,13 @@ class HFCheckpoint:
         tensor = self._get(handles, key, shape=_expected_shape(self.spec, kind))
         path = self.root / self._files[key]
         if tensor.dtype in FP8_DTYPES:
-            scales = scale_key(key)
+            scales = self.quant.scale_key(key)
             if self.quant.method != "fp8":
                 raise CheckpointError(_needs_scales(path, key, tensor.dtype))
             if scales not in self._files:
                 raise CheckpointError(f"{path}: tensor {scales!r} not found: FP8 tensor {key!r} needs its block scales")
             try:
-                return fp8_matrix(key, tensor, self._get(handles, scales), self.quant.block)
+                return fp8_matrix(key, tensor, self._get(handles, scales), self.quant)
             except ValueError as exc:
                 raise CheckpointError(f"{self.root / self._files[scales]}: {exc}") from None
         if not tensor.is_floating_point() or tensor.dtype.itemsize < 2:
@@ -322,8 +324,8 @@ class HFCheckpoint:
         """FP8 shared experts are cut into pieces of `intermediate_size` with their scales: each
         piece must start at a block boundary (else CheckpointError naming the tensor and sizes)."""
         spec, block = self.spec, self.quant.block
-        if self.quant.method != "fp8" or spec.num_shared_experts < 2 or block is None:
-            return
+        if self.quant.method != "fp8" or self.quant.strategy != "block" or spec.num_shared_experts < 2 or block is None:
+            return  # a scale per row or per matrix cuts anywhere (`Fp8Blocks.rows` / `cols`)
         for p, axis in (("w1", 0), ("w2", 1)):
             key = self.layout.shared_key(spec.moe_layers[0], p)
             path = self.root / self._files[key]
@@ -337,7 +339,8 @@ class HFCheckpoint:
 
 def _needs_scales(path: Path, key: str, dtype: torch.dtype) -> str:
     return (f"{path}: tensor {key!r} has dtype {dtype}, an 8-bit float that needs its scales: {CONFIG_FILE} must say "
-            f"quantization_config.quant_method 'fp8' and the checkpoint hold {scale_key(key)!r}")
+            f"quantization_config.quant_method 'fp8' (or 'compressed-tensors', float-quantized) and the checkpoint "
+            f"hold its scales ({scale_key(key)!r}, or {key + '_scale'!r})")
 
 
 def _read_config(path: Path) -> tuple[ModelSpec, QuantConfig]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from workers.hf_checkpoint import HFCheckpoint
 from workers.hf_files import all_key_files, open_file
-from workers.hf_quant import SAFETENSORS_BYTES, held_bytes, scale_key
+from workers.hf_quant import SAFETENSORS_BYTES, held_bytes
 from workers.weights import PROJECTIONS
 
 
@@ -32,7 +32,7 @@ def checkpoint_memory(ckpt: HFCheckpoint) -> CheckpointMemory:
     """Read the headers of `ckpt`'s files (each opened once) and size every replica and the
     dense part."""
     headers = _Headers(ckpt)
-    spec, layout, block = ckpt.spec, ckpt.layout, ckpt.quant.block
+    spec, layout, quant = ckpt.spec, ckpt.layout, ckpt.quant
     replicas: list[int] = []
     for layer in spec.moe_layers:
         if ckpt.quant.method == "mxfp4" or layout.fused is not None:
@@ -40,15 +40,15 @@ def checkpoint_memory(ckpt: HFCheckpoint) -> CheckpointMemory:
         else:
             for expert in range(spec.num_experts):
                 keys = [layout.expert_key(layer, expert, p) for p in PROJECTIONS]
-                replicas.append(sum(held_bytes(headers.dtype(k), headers.shape(k), block) for k in keys))
+                replicas.append(sum(held_bytes(headers.dtype(k), headers.shape(k), quant) for k in keys))
         if spec.num_shared_experts:
             inter, hidden = spec.intermediate_size, spec.hidden_size
             piece = {"w1": (inter, hidden), "w2": (hidden, inter), "w3": (inter, hidden)}
             dtypes = {p: headers.dtype(layout.shared_key(layer, p)) for p in PROJECTIONS}
-            replicas += [sum(held_bytes(dtypes[p], piece[p], block) for p in PROJECTIONS)] * spec.num_shared_experts
+            replicas += [sum(held_bytes(dtypes[p], piece[p], quant) for p in PROJECTIONS)] * spec.num_shared_experts
     moe_prefixes = tuple(layout.block_prefix(layer) for layer in spec.moe_layers)
     dense = [key for key in headers.files if not key.startswith(moe_prefixes)]
-    scales = {scale_key(key) for key in dense}
+    scales = {quant.scale_key(key) for key in dense} | {key for key in dense if key.endswith(".input_scale")}
     params = sum(math.prod(headers.shape(key)) for key in dense if key not in scales)
     return CheckpointMemory(replicas, params, sum(headers.nbytes(key) for key in dense))
 

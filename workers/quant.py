@@ -87,8 +87,11 @@ class Fp8Blocks:
         return out
 
     def rows(self, lo: int, hi: int, size: int) -> Fp8Blocks:
-        """Rows `lo:hi`, zero-padded to `size` rows; `lo` must start a block."""
+        """Rows `lo:hi`, zero-padded to `size` rows; `lo` must start a block, unless one block
+        spans every row (a scale per matrix or per column block): then any rows keep it."""
         bm = self.block[0]
+        if self.scale_inv.shape[0] == 1:
+            return Fp8Blocks(_pad_rows(self.data[lo:hi], size), self.scale_inv.clone(), (max(size, 1), self.block[1]))
         if lo % bm:
             raise ValueError(f"rows {lo}:{hi} do not start at a block boundary (blocks of {bm} rows)")
         data = _pad_rows(self.data[lo:hi], size)
@@ -96,8 +99,12 @@ class Fp8Blocks:
         return Fp8Blocks(data, scale, self.block)
 
     def cols(self, lo: int, hi: int, size: int) -> Fp8Blocks:
-        """Columns `lo:hi`, zero-padded to `size` columns; `lo` must start a block."""
+        """Columns `lo:hi`, zero-padded to `size` columns; `lo` must start a block, unless one
+        block spans every column (a scale per row or per matrix): then any columns keep it."""
         bn = self.block[1]
+        if self.scale_inv.shape[1] == 1:
+            data = _pad_rows(self.data[:, lo:hi].t(), size).t().contiguous()
+            return Fp8Blocks(data, self.scale_inv.clone(), (self.block[0], max(size, 1)))
         if lo % bn:
             raise ValueError(f"columns {lo}:{hi} do not start at a block boundary (blocks of {bn} columns)")
         data = _pad_rows(self.data[:, lo:hi].t(), size).t().contiguous()

@@ -74,11 +74,14 @@ class TinyFamily:
         return model
 
     def save_fp8(self, path: str | Path, block: tuple[int, int], tokenizer: bool = True,
-                 dense: bool = False) -> torch.nn.Module:
+                 dense: bool = False, strategy: str | None = None) -> torch.nn.Module:
         """`save`, then every routed and shared expert matrix `....weight` rewritten as
         float8_e4m3fn with `....weight_scale_inv` float32 `[ceil(R/bm), ceil(C/bn)]` (block
         `[bm, bn]`; `dense`: the attention projections too, as DeepSeek-V3 ships them), and
         `quantization_config` (`quant_method: fp8`, `weight_block_size`) added to config.json.
+        `strategy` ("channel", "tensor" or "block"): compressed-tensors' float-quantized layout
+        instead, as llm-compressor writes it (GLM-4.5-FP8): `....weight_scale` `[R, 1]`, `[1]` or
+        per block, and a static `....input_scale` `[1]` beside each matrix.
         Returns the float32 model it was saved from."""
         from safetensors.torch import load_file, save_file
 
@@ -97,13 +100,27 @@ class TinyFamily:
         if dense:
             keys |= {k for k, t in tensors.items() if ".self_attn." in k and k.endswith("proj.weight") and t.dim() == 2}
         for key in sorted(keys):
-            q = quantize_fp8(tensors[key], block)
+            rows, cols = tensors[key].shape
+            tiles = {"channel": (1, cols), "tensor": (rows, cols)}.get(strategy, block)
+            q = quantize_fp8(tensors[key], tiles)
             tensors[key] = q.data
-            tensors[key.removesuffix(".weight") + ".weight_scale_inv"] = q.scale_inv
+            if strategy is None:
+                tensors[key + "_scale_inv"] = q.scale_inv
+            else:
+                tensors[key + "_scale"] = q.scale_inv.reshape(1) if strategy == "tensor" else q.scale_inv
+                tensors[key.removesuffix(".weight") + ".input_scale"] = torch.tensor([0.01])
         save_file(tensors, str(root / SINGLE_FILE), metadata={"format": "pt"})
         config = json.loads((root / CONFIG_FILE).read_text())
         config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
-                                         "weight_block_size": list(block)}
+                                         "weight_block_size": list(block)} if strategy is None else {
+            "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True, "dynamic": False,
+                            "block_structure": list(block) if strategy == "block" else None},
+                "input_activations": {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True,
+                                      "dynamic": False}}},
+            "ignore": ["lm_head"] + [f"model.layers.{layer}.mlp.gate" for layer in spec.moe_layers]}
         (root / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         return model
 

@@ -7,7 +7,8 @@ and scale shapes (`TinyFamily.save_fp8`).
   MoE block run in BF16, within BF16 tolerance; `moe-serve verify` (float32 math over the BF16
   weights) equals the float32 model loaded from the same checkpoint.
 - FP8: the workers hold FP8 plus scales and, computing in float32, equal the
-  dequantize-then-compute float32 reference to float32 rounding; `status` shows their bytes.
+  dequantize-then-compute float32 reference to float32 rounding; `status` shows their bytes;
+  likewise compressed-tensors' FP8 layout with a scale per row (GLM-4.5-FP8).
 """
 
 from __future__ import annotations
@@ -145,3 +146,23 @@ def test_an_fp8_layer_in_bf16_math_stays_within_bf16_of_the_reference(fp8_served
         assert FP32_REL_TOL < rel_err(got, want) < BF16_REL_TOL
     finally:
         stop(bf16)
+
+
+def test_a_compressed_tensors_fp8_checkpoint_is_served_as_the_dequantized_reference(deploy_served, tmp_path) -> None:
+    """GLM-4.5-FP8's layout (compressed-tensors, float-quantized, a scale per row, static input
+    scales): workers hold FP8 plus per-row scales and equal the float32 reference."""
+    BY_NAME["glm4-moe"].save_fp8(tmp_path / "glm", block=(16, 16), strategy="channel")
+    start, stop = deploy_served
+    config = serve_config("it-fp8-ct", checkpoint=str(tmp_path / "glm"), workers=2).with_overrides(
+        **{"workers.compute_dtype": "float32"})
+    served = start(config)
+    try:
+        assert served.spec.expert_dtype == "fp8"
+        for tokens, layer in ((1, served.spec.moe_layers[0]), (40, served.spec.moe_layers[-1])):
+            served.assert_serves_correctly(layer, hidden_states(tokens, served.spec.hidden_size, seed=tokens))
+        spec = served.spec
+        per_row_scales = 4 * (2 * spec.intermediate_size + spec.hidden_size)  # float32 [F, 1] x 2 and [H, 1]
+        held = sum(s["weight_bytes"] for s in served.deployment.pool.stats())
+        assert held == _expert_bytes(served, 1, spec.num_logical_experts * per_row_scales)
+    finally:
+        stop(served)
