@@ -15,7 +15,8 @@ For each model shape and token count (1, 16, 128):
   process);
 - floors: `in_process` (the single-process reference layer, the same math with no distribution),
   `grpc_echo` (a bare gRPC server answering the same bytes), `actor_call` (a bare Ray actor echoing
-  the same array) and `compiled_channel` (the same echo through a Ray compiled graph's shared-memory
+  the same array), `actor_calls_awaited` (one bare echo actor per worker, called at once and
+  awaited together on an asyncio loop, as the dispatch calls its workers) and `compiled_channel` (the same echo through a Ray compiled graph's shared-memory
   channel).
 """
 
@@ -81,6 +82,24 @@ def actor_floor(xs: dict[int, np.ndarray], calls: int) -> dict:
     echo = Echo.remote()
     ray.get(echo.echo.remote(0))
     return {t: quantiles(timed(lambda x=x: ray.get(echo.echo.remote(x)), calls)) for t, x in xs.items()}
+
+
+def awaited_floor(xs: dict[int, np.ndarray], calls: int, actors: int = 2) -> dict:
+    """`actors` bare echo actors called at once and awaited together on an asyncio loop: what the
+    router's dispatch is made of, with no expert math and no gate, plan or combine."""
+    echoes = [Echo.remote() for _ in range(actors)]
+    ray.get([e.echo.remote(0) for e in echoes])
+
+    async def run(x: np.ndarray) -> list[float]:
+        out = []
+        for i in range(calls + 5):
+            start = time.perf_counter()
+            await asyncio.gather(*(e.echo.remote(x) for e in echoes))
+            if i >= 5:
+                out.append(time.perf_counter() - start)
+        return out
+
+    return {t: quantiles(asyncio.run(run(x))) for t, x in xs.items()}
 
 
 def compiled_floor(xs: dict[int, np.ndarray], calls: int) -> dict:
@@ -229,7 +248,9 @@ def bench_shape(name: str, shape: dict, args) -> dict:
     reference = None  # its weights are not needed any more
     torch.set_num_threads(1)
     print(f"# {name}: floors", file=sys.stderr, flush=True)
-    for floor, fn in (("actor_call", actor_floor), ("compiled_channel", compiled_floor), ("grpc_echo", grpc_floor)):
+    floors = (("actor_call", actor_floor), ("actor_calls_awaited", lambda xs, calls: awaited_floor(xs, calls, args.workers)),
+              ("compiled_channel", compiled_floor), ("grpc_echo", grpc_floor))
+    for floor, fn in floors:
         try:
             figures = fn(xs, args.calls)
         except Exception as err:  # a floor Ray cannot give here is reported, not fatal
