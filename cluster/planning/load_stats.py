@@ -192,6 +192,12 @@ class LoadBoard:
             return 1000.0 * float(np.quantile(recent, quantile)) if recent else 0.0
         return q(self._ttft), q(self._tpot)
 
+    def generated_since(self, since_s: float) -> tuple[int, int]:
+        """(tokens generated, requests that got their first token) in the reports taken at or
+        after `since_s`, all routers together (within the last 4096 reports of each)."""
+        return (sum(n for at, n in self._generated if at >= since_s),
+                sum(1 for at, _ in self._ttft if at >= since_s))
+
     def output_tokens_per_s(self, now_s: float) -> float:
         """Tokens generated per second over the window, all routers together."""
         start = now_s - self.window.window_s

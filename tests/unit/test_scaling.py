@@ -16,7 +16,7 @@ from cluster.control.rebalancer import Rebalancer
 from cluster.control.scaler import Autoscaler, Reconciler
 from cluster.placement import EMPTY, Placement, WorkerRef, slots_per_worker
 from cluster.planning.autoscaler import ScaleSnapshot
-from cluster.planning.load_stats import LoadBoard, LoadSnapshot, RouterReport
+from cluster.planning.load_stats import GenerationLoad, LoadBoard, LoadSnapshot, RouterReport
 
 N = 8  # logical experts: 1 layer x 8 experts
 SLOTS = 6
@@ -325,6 +325,18 @@ def test_load_board_merges_router_reports():
     assert board.queue_delay_ms(106.0) == pytest.approx(500.0)
     # outside the window both are forgotten
     assert board.queue_delay_ms(200.0) == 0.0 and board.snapshot(200.0).total_tokens == 0
+
+
+def test_load_board_counts_what_was_generated_since_a_moment():
+    board = LoadBoard(1, 4, window_s=10.0, started_s=100.0)
+    idle = np.zeros((1, 4), dtype=np.int64)
+    for router, at, tokens, firsts in (("a", 101.0, 7, 2), ("b", 103.0, 5, 1), ("a", 104.0, 9, 0)):
+        board.report(RouterReport(router, idle, generation=GenerationLoad(ttft_s=(0.01,) * firsts,
+                                                                          output_tokens=tokens)), now_s=at)
+    board.report(RouterReport("c", idle), now_s=104.5)  # a router that does not generate
+    assert board.generated_since(100.0) == (21, 3)
+    assert board.generated_since(103.0) == (14, 1)  # reports taken at or after the moment
+    assert board.generated_since(105.0) == (0, 0)
 
 
 @pytest.mark.parametrize(
