@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import os
 import sys
-import threading
 import time
 from concurrent import futures
 
@@ -35,8 +34,9 @@ import numpy as np
 import ray
 import torch
 
+from bench.bench_serving import ServedModel
 from bench.render import emit
-from cluster.app.launcher import connect_ray, deploy
+from cluster.app.launcher import connect_ray
 from cluster.app.reference import ReferenceMoE
 from cluster.config import RayConfig, ServeConfig
 from router_service import ray_backend
@@ -141,27 +141,6 @@ def grpc_floor(xs: dict[int, np.ndarray], calls: int) -> dict:
 # ---- the served paths ---------------------------------------------------------------------------
 
 
-class Served:
-    """An in-process deployment whose router runs on an event loop in a background thread."""
-
-    def __init__(self, config: ServeConfig):
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-        self.deployment = self.call(deploy(config))
-
-    def call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
-
-    def busy(self) -> list[float]:
-        return [s["busy_s"] for s in self.deployment.pool.stats()]
-
-    def stop(self) -> None:
-        self.call(self.deployment.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-
-
 async def _timed_on_loop(fn, busy, calls: int, warmup: int = 5) -> dict:
     """Round trips of `fn()` on the router's loop (as generation calls it: no thread hop), each
     with the busiest worker's busy time during it (`busy()`: the workers' busy seconds)."""
@@ -181,7 +160,7 @@ async def _timed_on_loop(fn, busy, calls: int, warmup: int = 5) -> dict:
     return out
 
 
-def dispatch_point(served: Served, x: torch.Tensor, calls: int, inline_bytes: int | None = None) -> dict:
+def dispatch_point(served: ServedModel, x: torch.Tensor, calls: int, inline_bytes: int | None = None) -> dict:
     """`ModelRouter.moe` as generation calls it (gate, plan, the workers' actor calls, combine).
     inline_bytes: the backend's limit for sending the batch inside each call rather than through
     the object store (None: as configured; -1: always the store)."""
@@ -196,7 +175,7 @@ def dispatch_point(served: Served, x: torch.Tensor, calls: int, inline_bytes: in
         ray_backend.INLINE_BYTES = kept
 
 
-def compiled_point(served: Served, x: torch.Tensor, calls: int) -> dict:
+def compiled_point(served: ServedModel, x: torch.Tensor, calls: int) -> dict:
     """The same layer's worker shares through one Ray compiled graph over the deployment's
     workers (`ExpertWorker.forward_compiled`, asyncio execution): gate and plan as the router
     does them, every worker reads the batch from the graph's shared-memory input channel and
@@ -258,7 +237,7 @@ def bench_shape(name: str, shape: dict, args) -> dict:
         for t, fig in figures.items():
             out["tokens"][str(t)][floor] = fig
     print(f"# {name}: served", file=sys.stderr, flush=True)
-    served = Served(config)
+    served = ServedModel(config)
     try:
         with MoEClient(served.deployment.address) as client:
             client.wait_ready(30)

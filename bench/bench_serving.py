@@ -109,13 +109,18 @@ class ServedModel:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        self.deployment = self._call(deploy(config))
+        self.deployment = self.call(deploy(config))
 
-    def _call(self, coro):
+    def call(self, coro):
+        """Run `coro` on the router's loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
+    def busy(self) -> list[float]:
+        """Seconds each worker has spent computing so far."""
+        return [s["busy_s"] for s in self.deployment.pool.stats()]
+
     def stop(self) -> None:
-        self._call(self.deployment.stop())
+        self.call(self.deployment.stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
 
@@ -227,7 +232,7 @@ def _compact_point(tokens: int, concurrency: int, served: dict, float32: dict | 
 
 def _busy_s(served: ServedModel) -> float:
     """Seconds the workers have spent computing so far, all together."""
-    return sum(s["busy_s"] for s in served.deployment.pool.stats())
+    return sum(served.busy())
 
 
 def _busy_ms(served: ServedModel, since_s: float, requests: int) -> float:

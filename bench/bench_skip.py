@@ -160,15 +160,15 @@ def bench_family(name: str, work: Settings, directory: Path) -> dict:
         text, spec = router.text, router.spec
         prompts = [text.prompt_ids(p) for p in work.prompts]
         greedy = SamplingParams(max_tokens=work.new_tokens, temperature=0, ignore_eos=True)
-        served._call(generate_all(text, prompts, replace(greedy, max_tokens=4)))  # warm-up
+        served.call(generate_all(text, prompts, replace(greedy, max_tokens=4)))  # warm-up
         rows, base, base_logits = [], None, None
         for threshold in work.thresholds:
             skipped0, sent0 = int(router.skipped_expert_tokens.sum()), int(router.expert_tokens.sum())
-            outs, wall_s = served._call(generate_all(text, prompts, replace(greedy, expert_skip_threshold=threshold)))
+            outs, wall_s = served.call(generate_all(text, prompts, replace(greedy, expert_skip_threshold=threshold)))
             skipped = int(router.skipped_expert_tokens.sum()) - skipped0
             sent = int(router.expert_tokens.sum()) - sent0
             base = outs if base is None else base
-            logits = [served._call(forced_logits(router, p + b, threshold))[len(p) - 1:-1] for p, b in zip(prompts, base)]
+            logits = [served.call(forced_logits(router, p + b, threshold))[len(p) - 1:-1] for p, b in zip(prompts, base)]
             base_logits = logits if base_logits is None else base_logits
             err = max(float((lt - l0).abs().max()) for lt, l0 in zip(logits, base_logits))
             scale = max(float(l0.abs().max()) for l0 in base_logits)
@@ -207,7 +207,7 @@ def bench_layer(work: Settings) -> dict:
                 await router.moe(layer, x, groups, thresholds)
             return time.perf_counter() - start
 
-        served._call(timed(0.0))  # warm-up
+        served.call(timed(0.0))  # warm-up
         thresholds = work.thresholds + work.layer_extra_thresholds
         walls: dict[float, list[float]] = {t: [] for t in thresholds}
         skipped = dict.fromkeys(thresholds, 0)
@@ -215,7 +215,7 @@ def bench_layer(work: Settings) -> dict:
         for _ in range(work.layer_rounds):
             for threshold in thresholds:
                 skipped0, sent0 = int(router.skipped_expert_tokens.sum()), int(router.expert_tokens.sum())
-                walls[threshold].append(served._call(timed(threshold)))
+                walls[threshold].append(served.call(timed(threshold)))
                 skipped[threshold] += int(router.skipped_expert_tokens.sum()) - skipped0
                 sent[threshold] += int(router.expert_tokens.sum()) - sent0
         rows = []
