@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 
 from router_service.errors import InvalidRequest
+from router_service.skipping import check_threshold
 
 MAX_LOGPROBS = 5  # top alternatives a token's log-probabilities may list
 MAX_STOP_STRINGS = 4  # as the OpenAI API allows
@@ -56,10 +57,7 @@ class SamplingParams:
         if self.logprobs is not None:
             _integer("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
         if self.expert_skip_threshold is not None:
-            _number("expert_skip_threshold", self.expert_skip_threshold)
-            if not 0 <= self.expert_skip_threshold < 1:
-                raise InvalidRequest(f"expert_skip_threshold must be in [0, 1) (0: no expert skipping), "
-                                     f"got {self.expert_skip_threshold}")
+            check_threshold(self.expert_skip_threshold, "expert_skip_threshold")
 
     @property
     def greedy(self) -> bool:
